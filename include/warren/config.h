@@ -1,0 +1,56 @@
+/* Command line and environment into one validated configuration. */
+#ifndef WARREN_CONFIG_H
+#define WARREN_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "warren/log.h"
+
+/* Exit codes, from sysexits.h. */
+enum {
+    WR_EXIT_OK = 0,           /* clean drain */
+    WR_EXIT_USAGE = 64,       /* bad command line or environment */
+    WR_EXIT_UNAVAILABLE = 69, /* broker unreachable at start, or the queue is missing */
+    WR_EXIT_TEMPFAIL = 75,    /* forced exit: unfinished jobs handed back */
+    WR_EXIT_NOPERM = 77,      /* the broker refused the credentials or the vhost */
+    WR_EXIT_CONFIG = 78,      /* the script does not load or has no handle */
+};
+
+typedef enum {
+    WR_CMD_RUN,     /* warren [OPTIONS] SCRIPT */
+    WR_CMD_CHECK,   /* warren check SCRIPT */
+    WR_CMD_TRY,     /* warren try SCRIPT [BODY...] */
+    WR_CMD_HELP,    /* --help */
+    WR_CMD_VERSION, /* --version */
+} wr_command;
+
+typedef struct wr_config {
+    wr_command command;
+    char **urls; /* one or more broker URLs, tried in order */
+    size_t nurls;
+    const char *queue;
+    int prefetch;
+    double drain_timeout;   /* seconds */
+    int heartbeat;          /* whole seconds, 0 disables */
+    double connect_timeout; /* seconds to keep trying at start-up, 0 = forever */
+    bool declare;
+    bool watch; /* reload when the script changes */
+    wr_log_level log_level;
+    const char *script;
+    char **bodies; /* try: bodies from the command line (argv memory) */
+    int nbodies;
+    char **positional; /* owned array behind bodies */
+} wr_config;
+
+/* Fills c from argv and WARREN_* environment variables (a flag wins over its
+ * variable). Returns 0, or -1 with a one-line message in err; c must then
+ * still be released with wr_config_free. */
+int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errlen);
+
+void wr_config_free(wr_config *c);
+
+/* The --help text. */
+extern const char wr_usage[];
+
+#endif

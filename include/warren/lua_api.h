@@ -1,0 +1,17 @@
+/* The `warren` module that scripts require, and the msg table they get. */
+#ifndef WARREN_LUA_API_H
+#define WARREN_LUA_API_H
+
+#include <lua.h>
+
+#include "warren/delivery.h"
+#include "warren/vm.h"
+
+/* Registers the warren module of vm in package.loaded of vm->L. */
+void wr_lua_open(wr_vm *vm);
+
+/* Pushes the msg table of a delivery: routing key, exchange, flags and the
+ * AMQP properties with headers converted to Lua values. */
+void wr_push_msg(lua_State *L, const wr_delivery *d);
+
+#endif

@@ -1,0 +1,337 @@
+#include "warren/config.h"
+
+#include <amqp.h>
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char wr_usage[] =
+    "usage: warren [OPTIONS] SCRIPT.lua     run the worker\n"
+    "       warren check SCRIPT.lua         load the script and report errors\n"
+    "       warren try SCRIPT.lua [BODY..]  run handle() on each BODY (or stdin line), no broker\n"
+    "       warren --help | --version\n"
+    "\n"
+    "options (each also read from WARREN_<NAME>, e.g. WARREN_DRAIN_TIMEOUT; a flag wins):\n"
+    "  -u, --url URL              broker, amqp:// or amqps://; repeat or separate with commas\n"
+    "                             to list cluster nodes (default "
+    "amqp://guest:guest@localhost:5672/)\n"
+    "  -q, --queue NAME           queue to consume (required)\n"
+    "  -p, --prefetch N           most jobs in flight at once (default 1)\n"
+    "  -t, --drain-timeout SECS   time in-flight jobs get after the first signal (default 5)\n"
+    "      --heartbeat SECS       AMQP heartbeat in whole seconds, 0 disables (default 10)\n"
+    "      --connect-timeout SECS keep trying to reach the broker at start-up (default 30,\n"
+    "                             0 = forever)\n"
+    "      --declare              declare the queue (durable) if it is missing\n"
+    "      --no-watch             do not reload the script when its files change\n"
+    "      --log-level LEVEL      debug, info, warn or error (default info)\n"
+    "\n"
+    "exit codes: 0 clean drain, 64 bad usage, 69 broker unreachable, 75 forced exit\n"
+    "(jobs handed back), 78 the script does not load or has no handle\n";
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Durations: a non-negative decimal number of seconds, fractions allowed. */
+static int parse_seconds(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno != 0 || !isfinite(v) || v < 0 ||
+        !isdigit((unsigned char)*s))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_int(const char *s, long lo, long hi, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0' || errno != 0 || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_bool(const char *s, bool *out) {
+    if (!strcmp(s, "1") || !strcmp(s, "true") || !strcmp(s, "yes") || !strcmp(s, "on")) {
+        *out = true;
+        return 0;
+    }
+    if (!strcmp(s, "0") || !strcmp(s, "false") || !strcmp(s, "no") || !strcmp(s, "off") || !*s) {
+        *out = false;
+        return 0;
+    }
+    return -1;
+}
+
+/* Splits a comma-separated list of URLs onto c->urls, checking each. */
+static int add_urls(wr_config *c, const char *list, char *err, size_t errlen) {
+    const char *p = list;
+    for (;;) {
+        size_t n = strcspn(p, ",");
+        if (n > 0) {
+            char *url = strndup(p, n);
+            char *probe = strdup(url);
+            struct amqp_connection_info info;
+            int bad = !url || !probe || amqp_parse_url(probe, &info) != AMQP_STATUS_OK;
+            free(probe);
+            if (bad) {
+                free(url);
+                return fail(err, errlen,
+                            "invalid --url '%.*s': expected amqp://user:pass@host:port/vhost",
+                            (int)n, p);
+            }
+            char **grown = realloc(c->urls, (c->nurls + 1) * sizeof *grown);
+            if (!grown) {
+                free(url);
+                return fail(err, errlen, "out of memory");
+            }
+            c->urls = grown;
+            c->urls[c->nurls++] = url;
+        }
+        if (p[n] == '\0') return 0;
+        p += n + 1;
+    }
+}
+
+enum opt_id {
+    OPT_URL,
+    OPT_QUEUE,
+    OPT_PREFETCH,
+    OPT_DRAIN_TIMEOUT,
+    OPT_HEARTBEAT,
+    OPT_CONNECT_TIMEOUT,
+    OPT_DECLARE,
+    OPT_NO_WATCH,
+    OPT_LOG_LEVEL,
+    OPT_COUNT
+};
+
+static const struct option_spec {
+    char shortname;
+    const char *name;
+    const char *env;
+    bool takes_value;
+} options[OPT_COUNT] = {
+    [OPT_URL] = {'u', "url", "WARREN_URL", true},
+    [OPT_QUEUE] = {'q', "queue", "WARREN_QUEUE", true},
+    [OPT_PREFETCH] = {'p', "prefetch", "WARREN_PREFETCH", true},
+    [OPT_DRAIN_TIMEOUT] = {'t', "drain-timeout", "WARREN_DRAIN_TIMEOUT", true},
+    [OPT_HEARTBEAT] = {0, "heartbeat", "WARREN_HEARTBEAT", true},
+    [OPT_CONNECT_TIMEOUT] = {0, "connect-timeout", "WARREN_CONNECT_TIMEOUT", true},
+    [OPT_DECLARE] = {0, "declare", "WARREN_DECLARE", false},
+    [OPT_NO_WATCH] = {0, "no-watch", "WARREN_NO_WATCH", false},
+    [OPT_LOG_LEVEL] = {0, "log-level", "WARREN_LOG_LEVEL", true},
+};
+
+/* Applies one option value; from names where it came from in messages. */
+static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, char *err,
+                 size_t errlen) {
+    switch (id) {
+    case OPT_URL:
+        return add_urls(c, v, err, errlen);
+    case OPT_QUEUE:
+        if (!*v) return fail(err, errlen, "%s: the queue name is empty", from);
+        c->queue = v;
+        return 0;
+    case OPT_PREFETCH:
+        if (parse_int(v, 1, 65535, &c->prefetch))
+            return fail(err, errlen, "%s: expected a whole number from 1 to 65535, got '%s'", from,
+                        v);
+        return 0;
+    case OPT_DRAIN_TIMEOUT:
+        if (parse_seconds(v, &c->drain_timeout))
+            return fail(err, errlen, "%s: expected seconds (e.g. 5 or 0.5), got '%s'", from, v);
+        return 0;
+    case OPT_CONNECT_TIMEOUT:
+        if (parse_seconds(v, &c->connect_timeout))
+            return fail(err, errlen, "%s: expected seconds (e.g. 30, 0 = forever), got '%s'", from,
+                        v);
+        return 0;
+    case OPT_HEARTBEAT:
+        if (parse_int(v, 0, 65535, &c->heartbeat))
+            return fail(err, errlen, "%s: expected whole seconds from 0 to 65535, got '%s'", from,
+                        v);
+        return 0;
+    case OPT_DECLARE:
+        if (parse_bool(v, &c->declare))
+            return fail(err, errlen, "%s: expected 1/0, true/false or yes/no, got '%s'", from, v);
+        return 0;
+    case OPT_NO_WATCH: {
+        bool off;
+        if (parse_bool(v, &off))
+            return fail(err, errlen, "%s: expected 1/0, true/false or yes/no, got '%s'", from, v);
+        c->watch = !off;
+        return 0;
+    }
+    case OPT_LOG_LEVEL:
+        if (wr_log_parse_level(v, &c->log_level))
+            return fail(err, errlen, "%s: expected debug, info, warn or error, got '%s'", from, v);
+        return 0;
+    case OPT_COUNT:
+        break;
+    }
+    return fail(err, errlen, "internal: unknown option");
+}
+
+static int find_long(const char *name, size_t len) {
+    for (int i = 0; i < OPT_COUNT; i++)
+        if (strlen(options[i].name) == len && !strncmp(options[i].name, name, len)) return i;
+    return -1;
+}
+
+static int find_short(char ch) {
+    for (int i = 0; i < OPT_COUNT; i++)
+        if (options[i].shortname && options[i].shortname == ch) return i;
+    return -1;
+}
+
+int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    c->command = WR_CMD_RUN;
+    c->prefetch = 1;
+    c->drain_timeout = 5;
+    c->heartbeat = 10;
+    c->connect_timeout = 30;
+    c->watch = true;
+    c->log_level = WR_LOG_INFO;
+
+    /* Flags are collected first so that the environment can be applied
+     * underneath them: a flag wins over its variable. */
+    const char *flag[OPT_COUNT] = {0};
+    char **positional = calloc((size_t)argc + 1, sizeof *positional);
+    if (!positional) return fail(err, errlen, "out of memory");
+    int npos = 0, rc = -1;
+    bool only_positional = false;
+    char **urlflags = calloc((size_t)argc + 1, sizeof *urlflags);
+    int nurlflags = 0;
+    if (!urlflags) goto out;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (only_positional || a[0] != '-' || a[1] == '\0') {
+            positional[npos++] = argv[i];
+            continue;
+        }
+        if (!strcmp(a, "--")) {
+            only_positional = true;
+            continue;
+        }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            c->command = WR_CMD_HELP;
+            rc = 0;
+            goto out;
+        }
+        if (!strcmp(a, "--version") || !strcmp(a, "-V")) {
+            c->command = WR_CMD_VERSION;
+            rc = 0;
+            goto out;
+        }
+        int id;
+        const char *value = NULL;
+        if (a[1] == '-') {
+            const char *eq = strchr(a + 2, '=');
+            size_t len = eq ? (size_t)(eq - (a + 2)) : strlen(a + 2);
+            id = find_long(a + 2, len);
+            if (id < 0) {
+                fail(err, errlen, "unknown option '%.*s' (see warren --help)", (int)(len + 2), a);
+                goto out;
+            }
+            if (eq) value = eq + 1;
+        } else {
+            id = find_short(a[1]);
+            if (id < 0) {
+                fail(err, errlen, "unknown option '-%c' (see warren --help)", a[1]);
+                goto out;
+            }
+            if (a[2]) value = a + 2;
+        }
+        if (options[id].takes_value) {
+            if (!value) {
+                if (i + 1 >= argc) {
+                    fail(err, errlen, "option --%s needs a value", options[id].name);
+                    goto out;
+                }
+                value = argv[++i];
+            }
+        } else if (value) {
+            fail(err, errlen, "option --%s takes no value", options[id].name);
+            goto out;
+        } else {
+            value = "1";
+        }
+        if (id == OPT_URL)
+            urlflags[nurlflags++] = (char *)value;
+        else
+            flag[id] = value;
+    }
+
+    char from[64];
+    for (int id = 0; id < OPT_COUNT; id++) {
+        const char *env = getenv(options[id].env);
+        if (id == OPT_URL) {
+            if (nurlflags > 0) {
+                for (int k = 0; k < nurlflags; k++)
+                    if (apply(c, OPT_URL, urlflags[k], "--url", err, errlen)) goto out;
+            } else if (env && *env) {
+                if (apply(c, OPT_URL, env, options[id].env, err, errlen)) goto out;
+            }
+            continue;
+        }
+        if (flag[id]) {
+            snprintf(from, sizeof from, "--%s", options[id].name);
+            if (apply(c, (enum opt_id)id, flag[id], from, err, errlen)) goto out;
+        } else if (env) {
+            if (apply(c, (enum opt_id)id, env, options[id].env, err, errlen)) goto out;
+        }
+    }
+    if (c->nurls == 0 && add_urls(c, "amqp://guest:guest@localhost:5672/", err, errlen)) goto out;
+    wr_log_set_level(c->log_level);
+
+    int first = 0;
+    if (npos > 0 && !strcmp(positional[0], "check")) {
+        c->command = WR_CMD_CHECK;
+        first = 1;
+    } else if (npos > 0 && !strcmp(positional[0], "try")) {
+        c->command = WR_CMD_TRY;
+        first = 1;
+    }
+    if (npos <= first) {
+        fail(err, errlen, "missing SCRIPT.lua (see warren --help)");
+        goto out;
+    }
+    c->script = positional[first];
+    if (c->command == WR_CMD_TRY) {
+        c->bodies = positional + first + 1;
+        c->nbodies = npos - first - 1;
+    } else if (npos > first + 1) {
+        fail(err, errlen, "unexpected argument '%s' (see warren --help)", positional[first + 1]);
+        goto out;
+    }
+    if (c->command == WR_CMD_RUN && !c->queue) {
+        fail(err, errlen, "missing --queue NAME (or WARREN_QUEUE)");
+        goto out;
+    }
+    rc = 0;
+out:
+    c->positional = positional;
+    free(urlflags);
+    return rc;
+}
+
+void wr_config_free(wr_config *c) {
+    for (size_t i = 0; i < c->nurls; i++)
+        free(c->urls[i]);
+    free(c->urls);
+    free(c->positional);
+    memset(c, 0, sizeof *c);
+}

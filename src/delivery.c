@@ -1,0 +1,160 @@
+#include "warren/delivery.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* Exported by librabbitmq 0.11 but not declared in its public header. */
+int amqp_table_clone(const amqp_table_t *original, amqp_table_t *clone, amqp_pool_t *pool);
+
+/* Fits the deliver method, the properties and a small body. */
+#define POOL_PAGE 4096
+
+void wr_assembler_init(wr_assembler *a, size_t keep) {
+    memset(a, 0, sizeof *a);
+    a->keep = keep;
+}
+
+static wr_delivery *take(wr_assembler *a) {
+    wr_delivery *d = a->free;
+    if (d) {
+        a->free = d->next_free;
+        a->nfree--;
+        amqp_pool_t pool = d->pool;
+        memset(d, 0, sizeof *d);
+        d->pool = pool;
+        return d;
+    }
+    d = calloc(1, sizeof *d);
+    if (d) init_amqp_pool(&d->pool, POOL_PAGE);
+    return d;
+}
+
+void wr_delivery_release(wr_assembler *a, wr_delivery *d) {
+    if (!d) return;
+    if (a->nfree >= a->keep) {
+        empty_amqp_pool(&d->pool);
+        free(d);
+        return;
+    }
+    recycle_amqp_pool(&d->pool);
+    d->next_free = a->free;
+    a->free = d;
+    a->nfree++;
+}
+
+static int dup_bytes(amqp_pool_t *pool, amqp_bytes_t *b) {
+    if (b->len == 0) {
+        b->bytes = NULL;
+        return 0;
+    }
+    void *copy = amqp_pool_alloc(pool, b->len);
+    if (!copy) return -1;
+    memcpy(copy, b->bytes, b->len);
+    b->bytes = copy;
+    return 0;
+}
+
+/* Deep-copies the properties into the delivery's pool. */
+static int copy_props(wr_delivery *d, const amqp_basic_properties_t *src) {
+    amqp_basic_properties_t *p = &d->props;
+    *p = *src;
+    amqp_bytes_t *strings[] = {&p->content_type, &p->content_encoding, &p->correlation_id,
+                               &p->reply_to,     &p->expiration,       &p->message_id,
+                               &p->type,         &p->user_id,          &p->app_id,
+                               &p->cluster_id};
+    for (size_t i = 0; i < sizeof strings / sizeof *strings; i++)
+        if (dup_bytes(&d->pool, strings[i])) return -1;
+    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
+        amqp_table_t copy;
+        if (amqp_table_clone(&src->headers, &copy, &d->pool) != AMQP_STATUS_OK) return -1;
+        p->headers = copy;
+    } else {
+        p->headers.num_entries = 0;
+        p->headers.entries = NULL;
+    }
+    return 0;
+}
+
+static int drop(wr_assembler *a) {
+    wr_delivery_release(a, a->cur);
+    a->cur = NULL;
+    return WR_FRAME_ERROR;
+}
+
+static int finish(wr_assembler *a, wr_delivery **out) {
+    *out = a->cur;
+    a->cur = NULL;
+    return WR_FRAME_DONE;
+}
+
+int wr_assembler_feed(wr_assembler *a, const amqp_frame_t *f, wr_delivery **out) {
+    *out = NULL;
+    switch (f->frame_type) {
+    case AMQP_FRAME_METHOD: {
+        if (f->payload.method.id != AMQP_BASIC_DELIVER_METHOD) return WR_FRAME_IGNORED;
+        if (a->cur) drop(a); /* a deliver in the middle of another: broker bug */
+        const amqp_basic_deliver_t *m = f->payload.method.decoded;
+        wr_delivery *d = take(a);
+        if (!d) return WR_FRAME_ERROR;
+        a->cur = d;
+        d->tag = m->delivery_tag;
+        d->redelivered = m->redelivered;
+        d->exchange = m->exchange;
+        d->routing_key = m->routing_key;
+        if (dup_bytes(&d->pool, &d->exchange) || dup_bytes(&d->pool, &d->routing_key))
+            return drop(a);
+        return WR_FRAME_PART;
+    }
+    case AMQP_FRAME_HEADER: {
+        if (!a->cur || a->cur->body.bytes) return drop(a);
+        wr_delivery *d = a->cur;
+        const amqp_basic_properties_t *props = f->payload.properties.decoded;
+        if (copy_props(d, props)) return drop(a);
+        uint64_t size = f->payload.properties.body_size;
+        if (size > SIZE_MAX - 1) return drop(a);
+        d->body.len = (size_t)size;
+        /* One byte more so that an empty body still has a buffer: a non-NULL
+         * body.bytes is what marks the header as seen. */
+        d->body.bytes = amqp_pool_alloc(&d->pool, (size_t)size + 1);
+        if (!d->body.bytes) return drop(a);
+        return size == 0 ? finish(a, out) : WR_FRAME_PART;
+    }
+    case AMQP_FRAME_BODY: {
+        wr_delivery *d = a->cur;
+        if (!d || !d->body.bytes) return drop(a);
+        amqp_bytes_t frag = f->payload.body_fragment;
+        if (frag.len > d->body.len - d->received) return drop(a);
+        memcpy((char *)d->body.bytes + d->received, frag.bytes, frag.len);
+        d->received += frag.len;
+        return d->received == d->body.len ? finish(a, out) : WR_FRAME_PART;
+    }
+    default:
+        return WR_FRAME_IGNORED;
+    }
+}
+
+void wr_assembler_reset(wr_assembler *a) {
+    wr_delivery_release(a, a->cur);
+    a->cur = NULL;
+}
+
+void wr_assembler_free(wr_assembler *a) {
+    wr_assembler_reset(a);
+    while (a->free) {
+        wr_delivery *d = a->free;
+        a->free = d->next_free;
+        empty_amqp_pool(&d->pool);
+        free(d);
+    }
+    a->nfree = 0;
+}
+
+const amqp_field_value_t *wr_delivery_header(const wr_delivery *d, const char *name) {
+    size_t n = strlen(name);
+    const amqp_table_t *t = &d->props.headers;
+    for (int i = 0; i < t->num_entries; i++) {
+        const amqp_bytes_t k = t->entries[i].key;
+        if (k.len == n && memcmp(k.bytes, name, n) == 0) return &t->entries[i].value;
+    }
+    return NULL;
+}

@@ -1,0 +1,378 @@
+#include "warren/host.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "warren/broker.h"
+#include "warren/job.h"
+#include "warren/log.h"
+#include "warren/vm.h"
+
+#define BACKOFF_MIN 0.1
+#define BACKOFF_MAX 30.0
+#define CLOSE_TIMEOUT 2.0
+#define FORCED_CLOSE_TIMEOUT 0.5
+/* Editors save in several steps (write, rename): one reload per burst. */
+#define RELOAD_SETTLE 0.2
+#define MAX_WATCHES 32
+
+typedef enum { CONNECTING, RUNNING, DRAINING, STOPPED } host_state;
+
+typedef struct host {
+    const wr_config *cfg;
+    struct ev_loop *loop;
+    wr_broker *broker;
+    wr_sched *sched;
+    wr_vm *vm; /* the current version; jobs pin their own */
+    unsigned last_version;
+    host_state state;
+    int exit_code;
+    bool ever_connected;
+    bool consuming;       /* false after a broker-initiated cancel */
+    unsigned interrupted; /* jobs cut off by the forced stage or a lost connection */
+    ev_tstamp outage_since;
+    unsigned attempts;
+    double backoff;
+    ev_signal sigint, sigterm, sighup;
+    ev_timer drain_timer;
+    ev_timer retry_timer; /* reconnect, or re-consume after a cancel */
+    ev_timer stop_timer;  /* ends a clean drain from the loop's top level */
+    ev_timer reload_timer;
+    ev_stat watches[MAX_WATCHES];
+    size_t nwatches;
+} host;
+
+static void stop(host *h, int code) {
+    h->state = STOPPED;
+    h->exit_code = code;
+    ev_break(h->loop, EVBREAK_ALL);
+}
+
+/* The next wait before a retry: doubling, capped, with jitter so that a
+ * fleet of workers does not reconnect in step. */
+static double next_backoff(host *h) {
+    double b = h->backoff;
+    h->backoff = b * 2 > BACKOFF_MAX ? BACKOFF_MAX : b * 2;
+    return b * (0.5 + 0.5 * ((double)rand() / RAND_MAX));
+}
+
+static void schedule_retry(host *h) {
+    ev_timer_stop(h->loop, &h->retry_timer);
+    ev_timer_set(&h->retry_timer, next_backoff(h), 0);
+    ev_timer_start(h->loop, &h->retry_timer);
+}
+
+static void try_connect(host *h) {
+    char err[512];
+    wr_broker_status st = wr_broker_connect(h->broker, err, sizeof err);
+    if (st == WR_BROKER_OK) {
+        if (h->ever_connected)
+            wr_info("reconnected to %s after %u attempts (%.1f s); consuming '%s' again",
+                    wr_broker_where(h->broker), h->attempts + 1, ev_now(h->loop) - h->outage_since,
+                    h->cfg->queue);
+        else
+            wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
+                    wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script, h->vm->version);
+        h->ever_connected = true;
+        h->consuming = true;
+        h->state = RUNNING;
+        h->attempts = 0;
+        h->backoff = BACKOFF_MIN;
+        return;
+    }
+    if (!h->ever_connected) {
+        if (st == WR_BROKER_REFUSED) {
+            wr_error("%s", err);
+            stop(h, WR_EXIT_NOPERM);
+            return;
+        }
+        if (st == WR_BROKER_NO_QUEUE) {
+            wr_error("%s", err);
+            stop(h, WR_EXIT_UNAVAILABLE);
+            return;
+        }
+        double waited = ev_now(h->loop) - h->outage_since;
+        if (h->cfg->connect_timeout > 0 && waited >= h->cfg->connect_timeout) {
+            wr_error("broker unreachable: %s (gave up after %.1f s; see --connect-timeout)", err,
+                     waited);
+            stop(h, WR_EXIT_UNAVAILABLE);
+            return;
+        }
+    }
+    /* One line per outage, not one per attempt. */
+    if (h->attempts++ == 0)
+        wr_warn("%s; retrying with backoff", err);
+    else
+        wr_debug("attempt %u: %s", h->attempts, err);
+    schedule_retry(h);
+}
+
+static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    if (h->state == CONNECTING) {
+        try_connect(h);
+        return;
+    }
+    if (h->state != RUNNING || h->consuming) return;
+    char err[512];
+    if (wr_broker_consume(h->broker, err, sizeof err) == WR_BROKER_OK) {
+        wr_info("consuming '%s' again", h->cfg->queue);
+        h->consuming = true;
+        h->backoff = BACKOFF_MIN;
+        return;
+    }
+    if (!wr_broker_connected(h->broker)) return; /* lost: the lost event takes over */
+    wr_debug("re-consuming: %s", err);
+    schedule_retry(h);
+}
+
+static void on_delivery(void *ud, wr_delivery *d) {
+    host *h = ud;
+    if (h->state == RUNNING && wr_job_start(h->sched, h->vm, d) == 0) return;
+    /* Draining (or no memory for a job): hand it back unstarted. */
+    if (h->state == RUNNING) wr_error("cannot start a job (out of memory); handing it back");
+    wr_broker_settle(h->broker, d, WR_SETTLE_REQUEUE);
+    wr_debug("handed back unstarted message (tag %llu)", (unsigned long long)d->tag);
+    wr_broker_release(h->broker, d);
+}
+
+static void on_cancelled(void *ud) {
+    host *h = ud;
+    if (h->state != RUNNING) return;
+    h->consuming = false;
+    wr_warn("the broker cancelled the consumer of '%s' (queue deleted?); %zu jobs in flight "
+            "finish, consuming again when the queue is back",
+            h->cfg->queue, wr_sched_running(h->sched));
+    h->backoff = BACKOFF_MIN;
+    schedule_retry(h);
+}
+
+static void on_lost(void *ud, const char *why) {
+    host *h = ud;
+    size_t n = wr_sched_running(h->sched);
+    wr_warn("%s; %zu jobs in flight are interrupted and will be redelivered", why, n);
+    wr_sched_interrupt_all(h->sched);
+    wr_broker_close(h->broker, 0);
+    if (h->state == DRAINING) {
+        stop(h, n ? WR_EXIT_TEMPFAIL : WR_EXIT_OK);
+        return;
+    }
+    h->state = CONNECTING;
+    h->outage_since = ev_now(h->loop);
+    h->attempts = 0;
+    h->backoff = BACKOFF_MIN;
+    schedule_retry(h);
+}
+
+static const char *outcome_name(wr_outcome o) {
+    switch (o) {
+    case WR_OUT_ACK:
+        return "acked";
+    case WR_OUT_REQUEUE:
+        return "requeued";
+    case WR_OUT_REJECT:
+        return "rejected";
+    default:
+        return "interrupted, handed back";
+    }
+}
+
+static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
+    host *h = ud;
+    wr_delivery *d = job->delivery;
+    wr_settle how = outcome == WR_OUT_ACK      ? WR_SETTLE_ACK
+                    : outcome == WR_OUT_REJECT ? WR_SETTLE_REJECT
+                                               : WR_SETTLE_REQUEUE;
+    bool settled = wr_broker_settle(h->broker, d, how) == 0;
+    if (outcome == WR_OUT_INTERRUPTED) h->interrupted++;
+    wr_log_level level = h->state == DRAINING ? WR_LOG_INFO : WR_LOG_DEBUG;
+    if (wr_log_enabled(level)) {
+        amqp_bytes_t id = d->props.message_id;
+        wr_log(level, "job %.*s%s(tag %llu, version %u) %s%s; %zu in flight", (int)id.len,
+               id.len ? (char *)id.bytes : "", id.len ? " " : "", (unsigned long long)d->tag,
+               job->vm->version, outcome_name(outcome),
+               settled ? "" : " (not settled: its connection is gone, the broker redelivers it)",
+               wr_sched_running(h->sched));
+    }
+    wr_broker_release(h->broker, d);
+    if (h->state == DRAINING && wr_sched_running(h->sched) == 0)
+        ev_timer_start(h->loop, &h->stop_timer);
+}
+
+static void stop_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    if (h->state != DRAINING || wr_sched_running(h->sched)) return;
+    wr_info("drained: all jobs finished; closing the connection");
+    wr_broker_close(h->broker, CLOSE_TIMEOUT);
+    stop(h, WR_EXIT_OK);
+}
+
+static void force(host *h, const char *reason) {
+    size_t n = wr_sched_running(h->sched);
+    wr_warn("forced exit (%s): interrupting %zu jobs", reason, n);
+    unsigned before = h->interrupted;
+    wr_sched_interrupt_all(h->sched);
+    wr_warn("handed back %u messages; exiting", h->interrupted - before);
+    wr_broker_close(h->broker, FORCED_CLOSE_TIMEOUT);
+    stop(h, WR_EXIT_TEMPFAIL);
+}
+
+static void drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    char reason[64];
+    snprintf(reason, sizeof reason, "drain timeout of %g s reached", h->cfg->drain_timeout);
+    force(h, reason);
+}
+
+static void drain(host *h, const char *signame) {
+    size_t n = wr_sched_running(h->sched);
+    if (h->state != RUNNING) {
+        /* Not connected: nothing can be in flight. */
+        wr_info("received %s while not connected; exiting", signame);
+        stop(h, WR_EXIT_OK);
+        return;
+    }
+    h->state = DRAINING;
+    wr_sched_set_draining(h->sched, true);
+    ev_timer_stop(h->loop, &h->retry_timer);
+    if (h->consuming) wr_broker_cancel(h->broker);
+    if (n == 0) {
+        wr_info("received %s, nothing in flight; exiting", signame);
+        ev_timer_start(h->loop, &h->stop_timer);
+        return;
+    }
+    wr_info("received %s: draining %zu jobs in flight, up to %g s; a second signal forces exit",
+            signame, n, h->cfg->drain_timeout);
+    ev_timer_set(&h->drain_timer, h->cfg->drain_timeout, 0);
+    ev_timer_start(h->loop, &h->drain_timer);
+}
+
+static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    const char *name = w->signum == SIGINT ? "SIGINT" : "SIGTERM";
+    if (h->state == DRAINING) {
+        char reason[64];
+        snprintf(reason, sizeof reason, "second signal, %s", name);
+        force(h, reason);
+    } else {
+        drain(h, name);
+    }
+}
+
+static void watch_files(host *h);
+
+/* Loads the script as a new version; on failure the current one serves on. */
+static void reload(host *h, const char *why) {
+    char err[512];
+    unsigned version = ++h->last_version;
+    wr_vm *vm = wr_vm_load(h->cfg->script, version, h->sched, err, sizeof err);
+    if (!vm) {
+        wr_error("reload (%s) failed, version %u keeps serving: %s", why, h->vm->version, err);
+        return;
+    }
+    wr_vm *old = h->vm;
+    h->vm = vm;
+    wr_vm_unref(old); /* closed when its last job ends */
+    wr_info("reloaded (%s): version %u serves new messages; %d versions alive", why, version,
+            wr_vm_alive());
+    watch_files(h);
+}
+
+static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
+    (void)loop, (void)revents;
+    reload(w->data, "SIGHUP");
+}
+
+static void reload_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    reload(w->data, "script changed");
+}
+
+static void stat_cb(struct ev_loop *loop, ev_stat *w, int revents) {
+    (void)revents;
+    host *h = w->data;
+    /* Restarting the timer makes a burst of changes one reload. */
+    ev_timer_stop(loop, &h->reload_timer);
+    ev_timer_set(&h->reload_timer, RELOAD_SETTLE, 0);
+    ev_timer_start(loop, &h->reload_timer);
+}
+
+static void unwatch_files(host *h) {
+    for (size_t i = 0; i < h->nwatches; i++)
+        ev_stat_stop(h->loop, &h->watches[i]);
+    h->nwatches = 0;
+}
+
+/* Watches the files of the current version: the script and the modules it
+ * required from its own directory. */
+static void watch_files(host *h) {
+    if (!h->cfg->watch) return;
+    unwatch_files(h);
+    for (size_t i = 0; i < h->vm->nfiles && h->nwatches < MAX_WATCHES; i++) {
+        ev_stat *w = &h->watches[h->nwatches++];
+        ev_stat_init(w, stat_cb, h->vm->files[i], 1.0);
+        w->data = h;
+        ev_stat_start(h->loop, w);
+    }
+}
+
+int wr_host_run(const wr_config *cfg) {
+    host hs = {0}, *h = &hs;
+    char err[512];
+    h->cfg = cfg;
+    h->loop = ev_default_loop(0);
+    if (!h->loop) {
+        wr_error("cannot initialise the event loop");
+        return WR_EXIT_UNAVAILABLE;
+    }
+    h->sched = wr_sched_new(h->loop, on_job_done, h);
+    static const wr_broker_events events = {on_delivery, on_cancelled, on_lost};
+    h->broker = h->sched ? wr_broker_new(h->loop, cfg, &events, h) : NULL;
+    if (!h->broker) {
+        wr_error("out of memory");
+        wr_sched_free(h->sched);
+        return WR_EXIT_UNAVAILABLE;
+    }
+    h->last_version = 1;
+    h->vm = wr_vm_load(cfg->script, 1, h->sched, err, sizeof err);
+    if (!h->vm) {
+        wr_error("%s", err);
+        wr_broker_free(h->broker);
+        wr_sched_free(h->sched);
+        return WR_EXIT_CONFIG;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    ev_signal_init(&h->sigint, signal_cb, SIGINT);
+    ev_signal_init(&h->sigterm, signal_cb, SIGTERM);
+    ev_signal_init(&h->sighup, sighup_cb, SIGHUP);
+    h->sigint.data = h->sigterm.data = h->sighup.data = h;
+    ev_signal_start(h->loop, &h->sigint);
+    ev_signal_start(h->loop, &h->sigterm);
+    ev_signal_start(h->loop, &h->sighup);
+    ev_timer_init(&h->drain_timer, drain_timeout_cb, 0, 0);
+    ev_timer_init(&h->retry_timer, retry_cb, 0, 0);
+    ev_timer_init(&h->stop_timer, stop_cb, 0, 0);
+    ev_timer_init(&h->reload_timer, reload_timer_cb, 0, 0);
+    h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h->reload_timer.data = h;
+    watch_files(h);
+
+    h->state = CONNECTING;
+    h->outage_since = ev_now(h->loop);
+    h->backoff = BACKOFF_MIN;
+    srand((unsigned)(ev_time() * 1e6));
+    try_connect(h);
+    if (h->state != STOPPED) ev_run(h->loop, 0);
+
+    unwatch_files(h);
+    wr_broker_free(h->broker);
+    wr_sched_free(h->sched);
+    wr_vm_unref(h->vm);
+    ev_loop_destroy(h->loop);
+    return h->exit_code;
+}

@@ -1,0 +1,247 @@
+#include "warren/job.h"
+
+#include <lauxlib.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "warren/log.h"
+#include "warren/lua_api.h"
+
+/* A job that computes without waiting hands the loop a turn after this long,
+ * so signals, timers and heartbeats are served. */
+#define SLICE_SECONDS 0.010
+/* Instructions between two looks at the clock by the count hook. */
+#define HOOK_COUNT 10000
+
+struct wr_sched {
+    struct ev_loop *loop;
+    wr_job_done_fn done;
+    void *ud;
+    wr_job *jobs;
+    size_t running;
+    bool draining;
+    wr_job *ready, *ready_tail; /* jobs that gave up a time slice */
+    ev_idle idle;               /* keeps the loop from blocking while jobs are ready */
+    ev_check check;             /* resumes ready jobs after each poll */
+};
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static inline wr_job **job_slot(lua_State *L) {
+    return (wr_job **)lua_getextraspace(L);
+}
+
+wr_job *wr_job_current(lua_State *L) {
+    return *job_slot(L);
+}
+
+static void finish(wr_job *j, wr_outcome outcome);
+static void run(wr_job *j, int nargs);
+
+static void check_cb(struct ev_loop *loop, ev_check *w, int revents) {
+    (void)revents;
+    wr_sched *s = w->data;
+    /* Only the jobs ready now: a job that yields again waits for the next turn. */
+    wr_job *batch = s->ready;
+    s->ready = s->ready_tail = NULL;
+    while (batch) {
+        wr_job *j = batch;
+        batch = j->next_ready;
+        j->next_ready = NULL;
+        run(j, 0);
+    }
+    if (!s->ready) {
+        ev_idle_stop(loop, &s->idle);
+        ev_check_stop(loop, &s->check);
+    }
+}
+
+static void idle_cb(struct ev_loop *loop, ev_idle *w, int revents) {
+    (void)loop, (void)w, (void)revents;
+}
+
+static void make_ready(wr_job *j) {
+    wr_sched *s = j->sched;
+    j->wait = WR_WAIT_SLICE;
+    j->next_ready = NULL;
+    if (s->ready_tail)
+        s->ready_tail->next_ready = j;
+    else
+        s->ready = j;
+    s->ready_tail = j;
+    ev_idle_start(s->loop, &s->idle);
+    ev_check_start(s->loop, &s->check);
+}
+
+static void unready(wr_job *j) {
+    wr_sched *s = j->sched;
+    wr_job **p = &s->ready;
+    wr_job *prev = NULL;
+    while (*p && *p != j) {
+        prev = *p;
+        p = &(*p)->next_ready;
+    }
+    if (!*p) return;
+    *p = j->next_ready;
+    if (s->ready_tail == j) s->ready_tail = prev;
+    j->next_ready = NULL;
+}
+
+static void hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    wr_job *j = wr_job_current(L);
+    if (!j || !lua_isyieldable(L)) return;
+    if (now() - j->resumed_at < SLICE_SECONDS) return;
+    make_ready(j);
+    lua_yield(L, 0);
+}
+
+void wr_job_install_hook(lua_State *L) {
+    lua_sethook(L, hook, LUA_MASKCOUNT, HOOK_COUNT);
+}
+
+wr_sched *wr_sched_new(struct ev_loop *loop, wr_job_done_fn done, void *ud) {
+    wr_sched *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->loop = loop;
+    s->done = done;
+    s->ud = ud;
+    ev_idle_init(&s->idle, idle_cb);
+    ev_check_init(&s->check, check_cb);
+    s->idle.data = s->check.data = s;
+    return s;
+}
+
+void wr_sched_free(wr_sched *s) {
+    if (!s) return;
+    ev_idle_stop(s->loop, &s->idle);
+    ev_check_stop(s->loop, &s->check);
+    free(s);
+}
+
+size_t wr_sched_running(const wr_sched *s) {
+    return s->running;
+}
+void wr_sched_set_draining(wr_sched *s, bool draining) {
+    s->draining = draining;
+}
+bool wr_sched_draining(const wr_sched *s) {
+    return s->draining;
+}
+struct ev_loop *wr_sched_loop(const wr_sched *s) {
+    return s->loop;
+}
+
+static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    wr_job *j = w->data;
+    j->wait = WR_WAIT_NONE;
+    run(j, 0);
+}
+
+int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d) {
+    wr_job *j = calloc(1, sizeof *j);
+    if (!j) return -1;
+    lua_State *L = vm->L;
+    if (!lua_checkstack(L, 4)) {
+        free(j);
+        return -1;
+    }
+    j->co = lua_newthread(L);
+    j->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    j->sched = s;
+    j->vm = vm;
+    j->delivery = d;
+    j->decided = -1;
+    wr_vm_ref(vm);
+    *job_slot(j->co) = j;
+    ev_timer_init(&j->timer, timer_cb, 0, 0);
+    j->timer.data = j;
+    j->next = s->jobs;
+    if (s->jobs) s->jobs->prev = j;
+    s->jobs = j;
+    s->running++;
+
+    lua_rawgeti(j->co, LUA_REGISTRYINDEX, vm->handle_ref);
+    lua_pushlstring(j->co, d->body.bytes, d->body.len);
+    wr_push_msg(j->co, d);
+    run(j, 2);
+    return 0;
+}
+
+/* Logs a failed job with the error and the coroutine's traceback. */
+static void report_error(wr_job *j) {
+    lua_State *co = j->co;
+    const char *msg = luaL_tolstring(co, -1, NULL);
+    luaL_traceback(co, co, msg, 0);
+    const amqp_bytes_t id = j->delivery->props.message_id;
+    wr_error("job %.*s%s(tag %llu) failed: %s", (int)id.len, id.len ? (const char *)id.bytes : "",
+             id.len ? " " : "", (unsigned long long)j->delivery->tag, lua_tostring(co, -1));
+}
+
+/* Resumes the job's coroutine with the nargs values on top of its stack (the
+ * first time: handle, body, msg). The count must be exact: after a yield
+ * from the count hook, the stack below belongs to the running function. */
+static void run(wr_job *j, int nargs) {
+    lua_State *co = j->co;
+    int nres;
+    j->wait = WR_WAIT_NONE;
+    j->resumed_at = now();
+    int status = lua_resume(co, NULL, nargs, &nres);
+    if (status == LUA_YIELD) {
+        lua_pop(co, nres);
+        /* A bare coroutine.yield() in handle: treat it as giving up a slice. */
+        if (j->wait == WR_WAIT_NONE) make_ready(j);
+        return;
+    }
+    if (status == LUA_OK) {
+        finish(j, j->decided >= 0 ? (wr_outcome)j->decided : WR_OUT_ACK);
+        return;
+    }
+    report_error(j);
+    finish(j, j->delivery->redelivered ? WR_OUT_REJECT : WR_OUT_REQUEUE);
+}
+
+/* Closes the coroutine so its pending <close> variables run; a failing
+ * closer is logged, not propagated. */
+static void close_coroutine(wr_job *j) {
+    if (lua_resetthread(j->co) != LUA_OK) wr_error("closing job: %s", lua_tostring(j->co, -1));
+}
+
+static void finish(wr_job *j, wr_outcome outcome) {
+    wr_sched *s = j->sched;
+    ev_timer_stop(s->loop, &j->timer);
+    unready(j);
+    close_coroutine(j);
+    *job_slot(j->co) = NULL;
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        s->jobs = j->next;
+    if (j->next) j->next->prev = j->prev;
+    s->running--;
+    s->done(s->ud, j, outcome);
+    luaL_unref(j->vm->L, LUA_REGISTRYINDEX, j->co_ref);
+    wr_vm_unref(j->vm);
+    free(j);
+}
+
+void wr_sched_interrupt_all(wr_sched *s) {
+    while (s->jobs)
+        finish(s->jobs, WR_OUT_INTERRUPTED);
+}
+
+int wr_job_sleep(lua_State *L, wr_job *j, double seconds) {
+    j->wait = WR_WAIT_SLEEP;
+    ev_timer_set(&j->timer, seconds, 0);
+    ev_timer_start(j->sched->loop, &j->timer);
+    return lua_yield(L, 0);
+}
+
+void wr_job_decide(wr_job *j, wr_outcome outcome) {
+    j->decided = (int)outcome;
+}

@@ -1,0 +1,38 @@
+/* warren: a worker host for RabbitMQ work queues. */
+#include <stdio.h>
+
+#include "warren/config.h"
+#include "warren/host.h"
+#include "warren/try.h"
+
+int main(int argc, char **argv) {
+    wr_config cfg;
+    char err[512];
+    int code;
+    if (wr_config_parse(&cfg, argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "warren: %s\n", err);
+        wr_config_free(&cfg);
+        return WR_EXIT_USAGE;
+    }
+    switch (cfg.command) {
+    case WR_CMD_HELP:
+        fputs(wr_usage, stdout);
+        code = 0;
+        break;
+    case WR_CMD_VERSION:
+        printf("warren %s\n", WARREN_VERSION);
+        code = 0;
+        break;
+    case WR_CMD_CHECK:
+        code = wr_check(&cfg);
+        break;
+    case WR_CMD_TRY:
+        code = wr_try(&cfg);
+        break;
+    default:
+        code = wr_host_run(&cfg);
+        break;
+    }
+    wr_config_free(&cfg);
+    return code;
+}

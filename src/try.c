@@ -1,0 +1,117 @@
+#include "warren/try.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "warren/job.h"
+#include "warren/log.h"
+#include "warren/vm.h"
+
+int wr_check(const wr_config *cfg) {
+    char err[512];
+    wr_vm *vm = wr_vm_load(cfg->script, 1, NULL, err, sizeof err);
+    if (!vm) {
+        fprintf(stderr, "%s\n", err);
+        return WR_EXIT_CONFIG;
+    }
+    printf("%s: ok\n", cfg->script);
+    wr_vm_unref(vm);
+    return 0;
+}
+
+typedef struct trial {
+    int done;
+    wr_outcome outcome;
+} trial;
+
+static void on_done(void *ud, wr_job *job, wr_outcome outcome) {
+    (void)job;
+    trial *t = ud;
+    t->done = 1;
+    t->outcome = outcome;
+}
+
+static const char *name(wr_outcome o) {
+    switch (o) {
+    case WR_OUT_ACK:
+        return "ack";
+    case WR_OUT_REQUEUE:
+        return "requeue";
+    case WR_OUT_REJECT:
+        return "reject";
+    default:
+        return "interrupted";
+    }
+}
+
+/* Runs one body to its end; returns 1 when it was acked. */
+static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_assembler *a, long n,
+                   const char *body, size_t len) {
+    char id[32];
+    snprintf(id, sizeof id, "try-%ld", n);
+    /* The same frames a broker would send, through the same assembler. */
+    amqp_basic_deliver_t m = {.delivery_tag = (uint64_t)n,
+                              .exchange = amqp_empty_bytes,
+                              .routing_key = amqp_cstring_bytes("try")};
+    amqp_basic_properties_t p = {._flags = AMQP_BASIC_MESSAGE_ID_FLAG,
+                                 .message_id = amqp_cstring_bytes(id)};
+    amqp_frame_t f[3] = {0};
+    f[0].frame_type = AMQP_FRAME_METHOD;
+    f[0].payload.method.id = AMQP_BASIC_DELIVER_METHOD;
+    f[0].payload.method.decoded = &m;
+    f[1].frame_type = AMQP_FRAME_HEADER;
+    f[1].payload.properties.body_size = len;
+    f[1].payload.properties.decoded = &p;
+    f[2].frame_type = AMQP_FRAME_BODY;
+    f[2].payload.body_fragment = (amqp_bytes_t){len, (void *)body};
+    wr_delivery *d = NULL;
+    for (int i = 0; i < 3 && !d; i++)
+        if (wr_assembler_feed(a, &f[i], &d) == WR_FRAME_ERROR) break;
+    if (!d || wr_job_start(s, vm, d) != 0) {
+        fprintf(stderr, "out of memory\n");
+        wr_delivery_release(a, d);
+        return 0;
+    }
+    while (!t->done)
+        ev_run(loop, EVRUN_ONCE);
+    printf("%s: %s\n", id, name(t->outcome));
+    fflush(stdout);
+    t->done = 0;
+    wr_delivery_release(a, d);
+    return t->outcome == WR_OUT_ACK;
+}
+
+int wr_try(const wr_config *cfg) {
+    char err[512];
+    trial t = {0};
+    struct ev_loop *loop = ev_default_loop(0);
+    wr_sched *s = wr_sched_new(loop, on_done, &t);
+    wr_vm *vm = s ? wr_vm_load(cfg->script, 1, s, err, sizeof err) : NULL;
+    if (!vm) {
+        fprintf(stderr, "%s\n", s ? err : "out of memory");
+        wr_sched_free(s);
+        return WR_EXIT_CONFIG;
+    }
+    wr_assembler a;
+    wr_assembler_init(&a, 1);
+    int all_acked = 1;
+    long n = 0;
+    if (cfg->nbodies > 0) {
+        for (int i = 0; i < cfg->nbodies; i++)
+            all_acked &= run_one(loop, s, &t, vm, &a, ++n, cfg->bodies[i], strlen(cfg->bodies[i]));
+    } else {
+        char *line = NULL;
+        size_t cap = 0;
+        ssize_t len;
+        while ((len = getline(&line, &cap, stdin)) >= 0) {
+            if (len > 0 && line[len - 1] == '\n') len--;
+            all_acked &= run_one(loop, s, &t, vm, &a, ++n, line, (size_t)len);
+        }
+        free(line);
+    }
+    wr_assembler_free(&a);
+    wr_vm_unref(vm);
+    wr_sched_free(s);
+    return all_acked ? 0 : 1;
+}
