@@ -1,0 +1,760 @@
+-- spec/support/helper.lua: what the end-to-end specs of warren share.
+--
+--   local H = require "support.helper"     -- with "spec/?.lua" in package.path
+--
+-- Environment:
+--   WARREN_TEST_URL     the test broker, e.g. amqp://guest:guest@127.0.0.1:25672/
+--   WARREN_BIN          the warren executable (H.start, H.run)
+--   WTOOL_BIN           the wtool executable; when unset, spec/support/wtool.c is compiled once
+--   WARREN_SOURCE_DIR   the repository root (for scripts/broker); default "."
+--   WARREN_BROKER_DIR   state directory of the test broker, used by scripts/broker
+--   WARREN_TEST_LUA     Lua interpreter for helper processes (tcpproxy); default "lua5.4"
+--   WARREN_KEEP_TMP     when set, the temporary files are kept (their root is H.tmp_root())
+--
+-- Conventions: every failure raises a Lua error whose message says what was being done and
+-- includes the relevant output, so that a failing spec explains itself. Timeouts are seconds
+-- (fractions allowed). Processes started here are killed, and temporary files removed, when
+-- the helper is garbage collected or Lua exits; processes also die within about a second of
+-- the test process disappearing, even when it is killed.
+local socket = require "socket"
+
+local H = {}
+
+local function getenv(name)
+  local v = os.getenv(name)
+  if v == "" then
+    return nil
+  end
+  return v
+end
+
+H.url = getenv("WARREN_TEST_URL")
+H.warren_bin = getenv("WARREN_BIN")
+H.source_dir = getenv("WARREN_SOURCE_DIR") or "."
+H.broker_dir = getenv("WARREN_BROKER_DIR")
+H.lua_bin = getenv("WARREN_TEST_LUA") or "lua5.4"
+
+-- Environment variables that configure warren (DESIGN.md: WARREN_ + option name). H.start and
+-- H.run remove them from the child's environment so that a developer's shell cannot change
+-- what a spec tests; pass them explicitly in opts.env when a spec wants them.
+H.WARREN_OPTION_VARS = {
+  "WARREN_URL", "WARREN_QUEUE", "WARREN_PREFETCH", "WARREN_DRAIN_TIMEOUT", "WARREN_HEARTBEAT",
+  "WARREN_DECLARE", "WARREN_LOG_LEVEL", "WARREN_WATCH", "WARREN_NO_WATCH",
+}
+
+---------------------------------------------------------------------------- basics
+
+-- H.now() -> wall-clock seconds as a float (microsecond resolution).
+function H.now()
+  return socket.gettime()
+end
+
+-- H.sleep(seconds)
+function H.sleep(seconds)
+  socket.sleep(seconds)
+end
+
+-- H.quote(s) -> s quoted for /bin/sh (a single word, whatever bytes it holds except NUL).
+function H.quote(s)
+  s = tostring(s)
+  if s:match("^[%w%.,_/:=@%%+-]+$") then
+    return s
+  end
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+local q = H.quote
+
+-- H.lua_string(s) -> a Lua literal for s (binary-safe), for generating script sources.
+function H.lua_string(s)
+  return string.format("%q", s)
+end
+
+-- H.read_file(path) -> the whole file (binary), or nil if it cannot be opened.
+function H.read_file(path)
+  local f = io.open(path, "rb")
+  if not f then
+    return nil
+  end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+-- H.write_file(path, text): replaces the file's content in place (same inode).
+function H.write_file(path, text)
+  local f = assert(io.open(path, "wb"))
+  assert(f:write(text))
+  assert(f:close())
+end
+
+-- Runs a shell command line; returns its exit code (128 + N when killed by signal N).
+local function execute(cmd)
+  local _, how, n = os.execute(cmd)
+  if how == "signal" then
+    return 128 + n
+  end
+  return n
+end
+
+-- H.wait_until(fn, timeout, what) -> fn's first truthy result, polling every 20 ms.
+-- Raises "timed out after Ts waiting for WHAT" if it never comes (default timeout 10 s).
+function H.wait_until(fn, timeout, what)
+  local deadline = H.now() + (timeout or 10)
+  while true do
+    local v = fn()
+    if v then
+      return v
+    end
+    if H.now() >= deadline then
+      local msg = "timed out after %gs waiting for %s"
+      error(string.format(msg, timeout or 10, what or "a condition"), 2)
+    end
+    socket.sleep(0.02)
+  end
+end
+
+---------------------------------------------------------------------------- temporary files
+
+local tmp_root = nil
+local tmp_count = 0
+local children = {} -- every process started, for the final cleanup
+
+-- H.tmp_root() -> the directory under which every temporary file of this run lives.
+function H.tmp_root()
+  if not tmp_root then
+    local p = io.popen('mktemp -d "${TMPDIR:-/tmp}/warren-spec.XXXXXX"')
+    tmp_root = p:read("l")
+    p:close()
+    assert(tmp_root and tmp_root ~= "", "mktemp -d failed")
+  end
+  return tmp_root
+end
+
+-- H.tmpdir() -> a fresh, empty directory.
+function H.tmpdir()
+  tmp_count = tmp_count + 1
+  local dir = string.format("%s/%d", H.tmp_root(), tmp_count)
+  assert(execute("mkdir " .. q(dir)) == 0, "cannot create " .. dir)
+  return dir
+end
+
+-- H.script(source_text [, filename]) -> path of a new file FILENAME (default "job.lua") holding
+-- source_text, in its own fresh directory. Rewrite it with H.write_file to test reloads.
+function H.script(source, filename)
+  local path = H.tmpdir() .. "/" .. (filename or "job.lua")
+  H.write_file(path, source)
+  return path
+end
+
+-- The process running this Lua: the parent of the shell that io.popen starts.
+local owner_pid = nil
+local function get_owner_pid()
+  if not owner_pid then
+    local p = io.popen("echo $PPID")
+    owner_pid = p:read("l")
+    p:close()
+  end
+  return owner_pid
+end
+
+-- At collection of this module (and so at Lua exit): kill leftover processes, remove files.
+H._cleanup = setmetatable({}, {
+  __gc = function()
+    for _, proc in ipairs(children) do
+      if not H.read_file(proc.rc_path) then
+        execute("kill -KILL " .. proc.pid .. " 2>/dev/null")
+      end
+    end
+    if tmp_root and not getenv("WARREN_KEEP_TMP") then
+      execute("rm -rf " .. q(tmp_root))
+    end
+  end,
+})
+
+---------------------------------------------------------------------------- records
+
+-- Record files let a script under test report what it did. The spec passes a fresh path in the
+-- environment variable H.RECORD_ENV and prepends H.RECORD_LUA to the script source:
+--
+--   local rec = H.record_file()
+--   local path = H.script(H.RECORD_LUA .. [[
+--   function handle(body, msg)
+--     record("start", msg.message_id, now())
+--     ...
+--   end]])
+--   local proc = H.start(path, {...}, {env = {[H.RECORD_ENV] = rec}})
+--   ... H.records(rec) -> {{"start", "m1", "1700000000.123456", line = "..."}, ...}
+--
+-- H.RECORD_LUA is a single line without a newline, so the script's own line numbers are
+-- unchanged. It defines two locals: record(...) appends one line, its arguments joined by
+-- spaces (floats with 6 decimals), opening and closing the file each time so that every line
+-- is complete as soon as record returns; now() is wall-clock seconds (luasocket's gettime
+-- when the script can load it, else os.time).
+H.RECORD_ENV = "WARREN_TEST_RECORD"
+H.RECORD_LUA = "local record, now; do "
+  .. "local ok, s = pcall(require, 'socket'); "
+  .. "local clock = ok and type(s) == 'table' and s.gettime or os.time; "
+  .. "now = function() return clock() end; "
+  .. "record = function(...) "
+  .. "local t = table.pack(...); "
+  .. "for i = 1, t.n do local v = t[i]; "
+  .. "t[i] = math.type(v) == 'float' and string.format('%.6f', v) or tostring(v) end; "
+  .. "local f = assert(io.open(assert(os.getenv('WARREN_TEST_RECORD'), "
+  .. "'WARREN_TEST_RECORD is not set'), 'a')); "
+  .. "f:write(table.concat(t, ' ', 1, t.n), '\\n'); f:close() end end; "
+
+-- H.record_file() -> a fresh path for a record file (not created yet).
+function H.record_file()
+  return H.tmpdir() .. "/records"
+end
+
+-- H.records(path) -> array of records, one per complete line (a line still being written is
+-- left out): the line's whitespace-separated fields as strings, plus .line (the whole line).
+-- A missing file gives {}.
+function H.records(path)
+  local text = H.read_file(path) or ""
+  local out = {}
+  for line in text:gmatch("([^\n]*)\n") do
+    local fields = { line = line }
+    for field in line:gmatch("%S+") do
+      fields[#fields + 1] = field
+    end
+    out[#out + 1] = fields
+  end
+  return out
+end
+
+---------------------------------------------------------------------------- processes
+
+local Proc = {}
+Proc.__index = Proc
+
+-- H.spawn(argv, opts) -> proc. Starts argv (program and arguments, not interpreted by a shell)
+-- in the background with stdin from /dev/null and stdout+stderr to proc.log_path.
+-- opts.env: table of variables added to the environment; opts.unset: list of variables
+-- removed from it. The process is killed within about a second if this Lua process goes away.
+-- NB: /bin/sh starts background jobs with SIGINT and SIGQUIT ignored; a program that wants
+-- them must install its own handlers (warren does).
+function H.spawn(argv, opts)
+  opts = opts or {}
+  local dir = H.tmpdir()
+  local proc = setmetatable({
+    argv = argv,
+    dir = dir,
+    log_path = dir .. "/log",
+    pid_path = dir .. "/pid",
+    rc_path = dir .. "/rc",
+  }, Proc)
+
+  local words = { "env" }
+  for _, name in ipairs(opts.unset or {}) do
+    words[#words + 1] = "-u " .. q(name)
+  end
+  local names = {}
+  for name in pairs(opts.env or {}) do
+    names[#names + 1] = name
+  end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    words[#words + 1] = q(name .. "=" .. tostring(opts.env[name]))
+  end
+  for _, a in ipairs(argv) do
+    words[#words + 1] = q(a)
+  end
+
+  -- The wrapper shell records the pid, kills the child if the owner (this Lua) disappears,
+  -- and records the exit status; pid and rc files are renamed into place, so never partial.
+  local wrapper = table.concat({
+    table.concat(words, " ") .. " >" .. q(proc.log_path) .. " 2>&1 </dev/null &",
+    "pid=$!",
+    "echo $pid >" .. q(proc.pid_path .. ".tmp"),
+    "mv " .. q(proc.pid_path .. ".tmp") .. " " .. q(proc.pid_path),
+    "(while kill -0 $pid 2>/dev/null; do kill -0 " .. get_owner_pid()
+      .. " 2>/dev/null || kill -KILL $pid 2>/dev/null; sleep 1; done) &",
+    "wait $pid",
+    "echo $? >" .. q(proc.rc_path .. ".tmp"),
+    "mv " .. q(proc.rc_path .. ".tmp") .. " " .. q(proc.rc_path),
+  }, "\n")
+  local rc = execute("sh -c " .. q(wrapper) .. " </dev/null >/dev/null 2>&1 &")
+  assert(rc == 0, "cannot start a shell for " .. table.concat(argv, " "))
+
+  local pid = H.wait_until(function()
+    local text = H.read_file(proc.pid_path)
+    return text and tonumber(text)
+  end, 10, "the pid of " .. table.concat(argv, " "))
+  proc.pid = pid
+  children[#children + 1] = proc
+  return proc
+end
+
+-- proc:signal(name) -> true if sent. name: "TERM", "INT", "HUP", "KILL", ... or a number.
+function Proc:signal(name)
+  name = tostring(name):gsub("^SIG", "")
+  return execute("kill -" .. name .. " " .. self.pid .. " 2>/dev/null") == 0
+end
+
+-- proc:exit_code() -> the exit code if the process has ended (128 + N if killed by signal N),
+-- else nil. Never waits.
+function Proc:exit_code()
+  if self.code == nil then
+    local text = H.read_file(self.rc_path)
+    self.code = text and tonumber(text)
+  end
+  return self.code
+end
+
+-- proc:running() -> true until the process has ended and been reaped.
+function Proc:running()
+  return self:exit_code() == nil
+end
+
+-- proc:wait(timeout) -> exit code (as exit_code), or nil if still running after timeout
+-- seconds (default 10).
+function Proc:wait(timeout)
+  local deadline = H.now() + (timeout or 10)
+  while true do
+    local code = self:exit_code()
+    if code or H.now() >= deadline then
+      return code
+    end
+    socket.sleep(0.02)
+  end
+end
+
+-- proc:log() -> everything the process has written to stdout and stderr so far.
+function Proc:log()
+  return H.read_file(self.log_path) or ""
+end
+
+-- proc:mark() -> the current length of the log, to pass as `from` to wait_log so that only
+-- output written after this point matches.
+function Proc:mark()
+  return #self:log()
+end
+
+-- proc:wait_log(pattern, timeout, from) -> true once the log (after byte offset `from`,
+-- default 0) matches the Lua pattern. Raises an error that shows the log if the process
+-- exits first or timeout seconds (default 10) pass.
+function Proc:wait_log(pattern, timeout, from)
+  timeout = timeout or 10
+  local deadline = H.now() + timeout
+  while true do
+    local ended = self:exit_code() -- before reading: an ended process has written its all
+    local log = self:log()
+    if log:find(pattern, (from or 0) + 1) then
+      return true
+    end
+    local why = nil
+    if ended then
+      why = "the process exited with code " .. ended
+    elseif H.now() >= deadline then
+      why = string.format("timed out after %gs", timeout)
+    end
+    if why then
+      error(string.format("%s waiting for %q in the log of %s:\n%s", why, pattern,
+        table.concat(self.argv, " "), log), 2)
+    end
+    socket.sleep(0.02)
+  end
+end
+
+-- proc:stop() -> exit code. Kills the process (SIGKILL) if it still runs and waits for it;
+-- safe to call at any time, any number of times (meant for after_each).
+function Proc:stop()
+  if self.pid and self:running() then
+    self:signal("KILL")
+    return self:wait(10)
+  end
+  return self:exit_code()
+end
+
+-- Shell words for running warren: environment cleaned as for H.start, then argv.
+local function warren_command(args, env)
+  assert(H.warren_bin, "WARREN_BIN is not set")
+  local words = { "env" }
+  for _, name in ipairs(H.WARREN_OPTION_VARS) do
+    words[#words + 1] = "-u " .. name
+  end
+  local names = {}
+  for name in pairs(env or {}) do
+    names[#names + 1] = name
+  end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    words[#words + 1] = q(name .. "=" .. tostring(env[name]))
+  end
+  words[#words + 1] = q(H.warren_bin)
+  for _, a in ipairs(args) do
+    words[#words + 1] = q(a)
+  end
+  return table.concat(words, " ")
+end
+
+-- H.start(script_path, args, opts) -> proc. Starts `WARREN_BIN args... script_path` in the
+-- background (see H.spawn for proc and opts.env); the WARREN_* option variables are removed
+-- from its environment (H.WARREN_OPTION_VARS). script_path may be nil.
+--   local proc = H.start(path, {"--url", H.url, "--queue", q, "--prefetch", 4})
+function H.start(script_path, args, opts)
+  assert(H.warren_bin, "WARREN_BIN is not set")
+  opts = opts or {}
+  local argv = { H.warren_bin }
+  for _, a in ipairs(args or {}) do
+    argv[#argv + 1] = tostring(a)
+  end
+  argv[#argv + 1] = script_path
+  return H.spawn(argv, { env = opts.env, unset = H.WARREN_OPTION_VARS })
+end
+
+-- H.run(args, opts) -> exit_code, output. Runs `WARREN_BIN args...` to completion, e.g.
+-- H.run({"check", path}). output is stdout and stderr interleaved; with opts.split it returns
+-- exit_code, stdout, stderr instead. opts.stdin: a string fed to stdin (default /dev/null);
+-- opts.env: variables added; opts.timeout: seconds (default 10) after which it is killed
+-- and the exit code is 124 (137 if it ignored SIGTERM).
+function H.run(args, opts)
+  opts = opts or {}
+  local dir = H.tmpdir()
+  local stdin = "/dev/null"
+  if opts.stdin then
+    stdin = dir .. "/stdin"
+    H.write_file(stdin, opts.stdin)
+  end
+  local argv = {}
+  for i, a in ipairs(args or {}) do
+    argv[i] = tostring(a)
+  end
+  local cmd = string.format("timeout -k 2 %g %s <%s", opts.timeout or 10,
+    warren_command(argv, opts.env), q(stdin))
+  local out, err = dir .. "/stdout", dir .. "/stderr"
+  if opts.split then
+    cmd = cmd .. " >" .. q(out) .. " 2>" .. q(err)
+  else
+    cmd = cmd .. " >" .. q(out) .. " 2>&1"
+  end
+  local code = execute(cmd)
+  if opts.split then
+    return code, H.read_file(out) or "", H.read_file(err) or ""
+  end
+  return code, H.read_file(out) or ""
+end
+
+---------------------------------------------------------------------------- broker: wtool
+
+local support_dir = (debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or ".")
+if not support_dir:match("^/") then
+  local p = io.popen("pwd")
+  support_dir = p:read("l") .. "/" .. support_dir
+  p:close()
+end
+H.support_dir = support_dir
+
+local wtool_bin = getenv("WTOOL_BIN")
+
+-- H.wtool_bin() -> path of wtool: WTOOL_BIN, else spec/support/wtool.c compiled once.
+function H.wtool_bin()
+  if not wtool_bin then
+    local bin = H.tmpdir() .. "/wtool"
+    local cmd = string.format("cc -std=c11 -O2 -o %s %s -lrabbitmq 2>&1", q(bin),
+      q(support_dir .. "/wtool.c"))
+    local p = io.popen(cmd)
+    local out = p:read("a")
+    local ok = p:close()
+    assert(ok, "WTOOL_BIN is not set and compiling wtool.c failed:\n" .. out)
+    wtool_bin = bin
+  end
+  return wtool_bin
+end
+
+-- H.wtool(args) -> exit_code, stdout, stderr. Runs wtool with args (a list) and the test broker
+-- (--url H.url unless args has its own --url, which then wins).
+function H.wtool(args)
+  local dir = H.tmpdir()
+  local words = { q(H.wtool_bin()) }
+  if H.url then
+    words[#words + 1] = "--url " .. q(H.url)
+  end
+  for _, a in ipairs(args) do
+    words[#words + 1] = q(tostring(a))
+  end
+  local out, err = dir .. "/stdout", dir .. "/stderr"
+  local code = execute(table.concat(words, " ") .. " </dev/null >" .. q(out) .. " 2>" .. q(err))
+  return code, H.read_file(out) or "", H.read_file(err) or ""
+end
+
+-- Runs wtool and returns its stdout; raises an error with its stderr unless it exits 0.
+local function wtool_ok(args)
+  assert(H.url, "WARREN_TEST_URL is not set")
+  local code, out, err = H.wtool(args)
+  if code ~= 0 then
+    error(string.format("wtool %s: exit %d: %s", table.concat(args, " "), code, err), 3)
+  end
+  return out
+end
+
+local queue_count = 0
+
+-- H.unique_name(prefix) -> a name no other run or call has produced (prefix, time, random).
+function H.unique_name(prefix)
+  queue_count = queue_count + 1
+  return string.format("%s-%d-%06x-%d", prefix or "q", os.time(), math.random(0, 0xffffff),
+    queue_count)
+end
+
+-- H.queue(prefix, opts) -> name [, dlq]. Declares a new durable queue with a unique name.
+-- With opts.dead_letter, also declares name..".dlq" and makes it the queue's dead-letter
+-- queue (via the default exchange); it is returned as the second value.
+function H.queue(prefix, opts)
+  opts = opts or {}
+  local name = H.unique_name(prefix)
+  local args = { "declare", name, "--fresh" }
+  local dlq = nil
+  if opts.dead_letter then
+    dlq = name .. ".dlq"
+    args[#args + 1] = "--dead-letter"
+    args[#args + 1] = dlq
+  end
+  wtool_ok(args)
+  return name, dlq
+end
+
+-- H.delete_queue(name)
+function H.delete_queue(name)
+  wtool_ok({ "delete", name })
+end
+
+-- H.publish(queue, n, opts) -> ids, the list {PREFIX.."1", ..., PREFIX..n}. Publishes n
+-- persistent messages with those message ids to the queue (default exchange) and waits for the
+-- broker's confirms. opts.prefix (default "m"); the body, the same for all: opts.body (any
+-- bytes), opts.body_file (a path), or opts.body_size (bytes i*31 % 256 for i = 0..size-1,
+-- see H.body_bytes); default empty. opts.headers: table of string headers. opts.expiration:
+-- per-message TTL in milliseconds.
+function H.publish(queue, n, opts)
+  opts = opts or {}
+  local prefix = opts.prefix or "m"
+  local args = { "publish", queue, "--count", n, "--prefix", prefix }
+  if opts.body ~= nil then
+    if opts.body:find("\0", 1, true) then -- argv cannot carry NUL bytes
+      local path = H.tmpdir() .. "/body"
+      H.write_file(path, opts.body)
+      args[#args + 1] = "--body-file"
+      args[#args + 1] = path
+    else
+      args[#args + 1] = "--body"
+      args[#args + 1] = opts.body
+    end
+  elseif opts.body_file then
+    args[#args + 1] = "--body-file"
+    args[#args + 1] = opts.body_file
+  elseif opts.body_size then
+    args[#args + 1] = "--body-size"
+    args[#args + 1] = opts.body_size
+  end
+  local keys = {}
+  for k in pairs(opts.headers or {}) do
+    keys[#keys + 1] = k
+  end
+  table.sort(keys)
+  for _, k in ipairs(keys) do
+    args[#args + 1] = "--header"
+    args[#args + 1] = k .. "=" .. tostring(opts.headers[k])
+  end
+  if opts.expiration then
+    args[#args + 1] = "--expiration"
+    args[#args + 1] = opts.expiration
+  end
+  wtool_ok(args)
+  local ids = {}
+  for i = 1, n do
+    ids[i] = prefix .. i
+  end
+  return ids
+end
+
+-- H.body_bytes(size) -> the body that publish's opts.body_size produces.
+function H.body_bytes(size)
+  local parts = {}
+  for i = 0, size - 1 do
+    parts[#parts + 1] = string.char(i * 31 % 256)
+  end
+  return table.concat(parts)
+end
+
+-- H.depth(queue) -> ready, consumers (numbers). Raises if the queue does not exist.
+function H.depth(queue)
+  local out = wtool_ok({ "depth", queue })
+  local ready, consumers = out:match("^(%d+) (%d+)")
+  assert(ready, "wtool depth printed: " .. out)
+  return tonumber(ready), tonumber(consumers)
+end
+
+-- H.drain(queue, opts) -> array of {id=, redelivered=bool, len=, deaths=} in queue order.
+-- Takes and acks every ready message (at most opts.max). id is "-" for a message without
+-- message id; deaths is the count of the first x-death entry (0 if never dead-lettered).
+function H.drain(queue, opts)
+  local args = { "drain", queue }
+  if opts and opts.max then
+    args[#args + 1] = "--max"
+    args[#args + 1] = opts.max
+  end
+  local out = wtool_ok(args)
+  local list = {}
+  for id, redelivered, len, deaths in out:gmatch("(%S+) (%d) (%d+) (%d+)\n") do
+    list[#list + 1] = {
+      id = id,
+      redelivered = redelivered == "1",
+      len = tonumber(len),
+      deaths = tonumber(deaths),
+    }
+  end
+  return list
+end
+
+-- H.ids(list) -> the .id fields of a list of drained messages (or of records' field 2 if
+-- given records), sorted, for comparing with publish's result: assert.same(H.sorted(ids), ...).
+function H.ids(list)
+  local ids = {}
+  for i, m in ipairs(list) do
+    ids[i] = m.id or m[2]
+  end
+  return H.sorted(ids)
+end
+
+-- H.sorted(list) -> a sorted copy; ids with the same prefix sort by their number.
+function H.sorted(list)
+  local copy = table.move(list, 1, #list, 1, {})
+  table.sort(copy, function(a, b)
+    local pa, na = tostring(a):match("^(.-)(%d+)$")
+    local pb, nb = tostring(b):match("^(.-)(%d+)$")
+    if pa and pb and pa == pb then
+      return tonumber(na) < tonumber(nb)
+    end
+    return tostring(a) < tostring(b)
+  end)
+  return copy
+end
+
+-- H.get_body(queue) -> the body of the next ready message (acked), or nil if there is none.
+function H.get_body(queue)
+  assert(H.url, "WARREN_TEST_URL is not set")
+  local code, out, err = H.wtool({ "get", queue })
+  if code == 2 then
+    return nil
+  end
+  if code ~= 0 then
+    error(string.format("wtool get %s: exit %d: %s", queue, code, err), 2)
+  end
+  return out
+end
+
+-- H.ctl(...) -> ok, output. Runs `WARREN_SOURCE_DIR/scripts/broker ctl ...` (rabbitmqctl for
+-- the test broker), e.g. H.ctl("list_queues", "name", "messages").
+function H.ctl(...)
+  local words = { q(H.source_dir .. "/scripts/broker"), "ctl" }
+  for _, a in ipairs({ ... }) do
+    words[#words + 1] = q(a)
+  end
+  local p = io.popen(table.concat(words, " ") .. " </dev/null 2>&1")
+  local out = p:read("a")
+  local ok = p:close()
+  return ok == true, out
+end
+
+---------------------------------------------------------------------------- network faults
+
+local Proxy = {}
+Proxy.__index = Proxy
+
+-- Splits an AMQP URL into the parts before and after host:port, host and port.
+local function split_url(url)
+  local scheme, rest = url:match("^(amqps?://)(.*)$")
+  assert(scheme, "not an AMQP URL: " .. tostring(url))
+  local userinfo, hostport, tail = rest:match("^([^@/]*@)([^/]*)(.*)$")
+  if not userinfo then
+    userinfo, hostport, tail = "", rest:match("^([^/]*)(.*)$")
+  end
+  local host, port = hostport:match("^(.*):(%d+)$")
+  if not host then
+    host, port = hostport, (scheme == "amqps://" and 5671 or 5672)
+  end
+  if host == "" then
+    host = "localhost"
+  end
+  return scheme .. userinfo, host, tonumber(port), tail
+end
+
+-- H.proxy(target_url) -> proxy, a TCP proxy (spec/support/tcpproxy.lua) in front of the broker
+-- at target_url (default H.url). proxy.url is target_url with host:port replaced by the
+-- proxy's (credentials and vhost kept); proxy.port its port. The mode methods return once
+-- the proxy has applied them:
+--   proxy:hold()    black hole: connections stay open, no byte passes, nothing is accepted
+--   proxy:pass()    forward again (buffered bytes then flow)
+--   proxy:drop()    close every current connection, then forward new ones
+--   proxy:refuse()  close everything and stop listening (connection refused) until pass()
+--   proxy:stop()    end the proxy (also happens at cleanup, or if the test process dies)
+function H.proxy(target_url)
+  target_url = target_url or assert(H.url, "WARREN_TEST_URL is not set")
+  local head, host, port, tail = split_url(target_url)
+  local dir = H.tmpdir()
+  local control = dir .. "/control"
+  H.write_file(control, "pass 0\n")
+  local proc = H.spawn({
+    H.lua_bin, support_dir .. "/tcpproxy.lua", "0", host, tostring(port), control, get_owner_pid(),
+  })
+  local listen = H.wait_until(function()
+    local text = H.read_file(control .. ".port")
+    if not text and not proc:running() then
+      error("tcpproxy exited with code " .. tostring(proc:exit_code()) .. ":\n" .. proc:log())
+    end
+    return text and tonumber(text)
+  end, 10, "tcpproxy to listen")
+  return setmetatable({
+    port = listen,
+    url = head .. "127.0.0.1:" .. listen .. tail,
+    proc = proc,
+    control = control,
+    seq = 0,
+  }, Proxy)
+end
+
+-- Writes a command for the proxy and waits until it is acknowledged.
+function Proxy:command(mode)
+  self.seq = self.seq + 1
+  local tmp = self.control .. ".tmp"
+  H.write_file(tmp, mode .. " " .. self.seq .. "\n")
+  assert(os.rename(tmp, self.control))
+  local seq = self.seq
+  H.wait_until(function()
+    if not self.proc:running() then
+      local proc = self.proc
+      error(string.format("tcpproxy exited with code %s:\n%s", proc:exit_code(), proc:log()))
+    end
+    local ack = tonumber(H.read_file(self.control .. ".ack") or "")
+    return ack and ack >= seq
+  end, 5, "tcpproxy to apply '" .. mode .. "'")
+end
+
+function Proxy:hold()
+  self:command("hold")
+end
+
+function Proxy:pass()
+  self:command("pass")
+end
+
+function Proxy:drop()
+  self:command("drop")
+end
+
+function Proxy:refuse()
+  self:command("refuse")
+end
+
+function Proxy:stop()
+  if self.proc:running() then
+    self.proc:signal("TERM")
+    if not self.proc:wait(5) then
+      self.proc:stop()
+    end
+  end
+end
+
+return H

@@ -1,0 +1,70 @@
+/* Option parsing: flags, environment, defaults and one-line errors. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "warren/config.h"
+
+static int parse(wr_config *c, char *err, int argc, char **argv) {
+    return wr_config_parse(c, argc, argv, err, 256);
+}
+
+#define ARGV(...) ((char *[]){"warren", __VA_ARGS__, NULL})
+#define ARGC(...) ((int)(sizeof((char *[]){"warren", __VA_ARGS__}) / sizeof(char *)))
+#define PARSE(c, err, ...) parse(c, err, ARGC(__VA_ARGS__), ARGV(__VA_ARGS__))
+
+int main(void) {
+    wr_config c;
+    char err[256];
+
+    unsetenv("WARREN_URL");
+    CHECK(PARSE(&c, err, "-q", "jobs", "s.lua") == 0);
+    CHECK(c.command == WR_CMD_RUN && !strcmp(c.queue, "jobs") && !strcmp(c.script, "s.lua"));
+    CHECK(c.prefetch == 1 && c.drain_timeout == 5 && c.heartbeat == 10 && c.watch && !c.declare);
+    CHECK(c.nurls == 1 && !strcmp(c.urls[0], "amqp://guest:guest@localhost:5672/"));
+    wr_config_free(&c);
+
+    CHECK(PARSE(&c, err, "--queue=a", "-p8", "-t", "0.5", "--declare", "--no-watch", "-u",
+                "amqp://a/,amqp://b/", "--url", "amqp://c/", "s.lua") == 0);
+    CHECK(c.prefetch == 8 && c.drain_timeout == 0.5 && c.declare && !c.watch && c.nurls == 3);
+    CHECK(!strcmp(c.urls[1], "amqp://b/") && !strcmp(c.urls[2], "amqp://c/"));
+    wr_config_free(&c);
+
+    /* The environment fills in; a flag wins over its variable. */
+    setenv("WARREN_PREFETCH", "3", 1);
+    setenv("WARREN_DRAIN_TIMEOUT", "7", 1);
+    setenv("WARREN_QUEUE", "envq", 1);
+    CHECK(PARSE(&c, err, "-p", "4", "s.lua") == 0);
+    CHECK(c.prefetch == 4 && c.drain_timeout == 7 && !strcmp(c.queue, "envq"));
+    wr_config_free(&c);
+    setenv("WARREN_PREFETCH", "many", 1);
+    CHECK(PARSE(&c, err, "s.lua") == -1 && strstr(err, "WARREN_PREFETCH"));
+    wr_config_free(&c);
+    unsetenv("WARREN_PREFETCH");
+    unsetenv("WARREN_DRAIN_TIMEOUT");
+    unsetenv("WARREN_QUEUE");
+
+    CHECK(PARSE(&c, err, "-q", "a", "-p", "-1", "s.lua") == -1 && strstr(err, "--prefetch"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a", "-t", "soon", "s.lua") == -1 && strstr(err, "soon"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a", "--bogus", "s.lua") == -1 && strstr(err, "--bogus"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "s.lua") == -1 && strstr(err, "--queue"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a") == -1 && strstr(err, "SCRIPT"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a", "-u", "http://x/", "s.lua") == -1 && strstr(err, "http://x/"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a", "--heartbeat", "0.5", "s.lua") == -1);
+    wr_config_free(&c);
+
+    CHECK(PARSE(&c, err, "try", "s.lua", "one", "two") == 0);
+    CHECK(c.command == WR_CMD_TRY && c.nbodies == 2 && !strcmp(c.bodies[1], "two"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "check", "s.lua") == 0 && c.command == WR_CMD_CHECK);
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "--help") == 0 && c.command == WR_CMD_HELP);
+    wr_config_free(&c);
+    return REPORT("config_test");
+}
