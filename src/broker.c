@@ -363,8 +363,9 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen) {
         b->beat.data = b;
         ev_timer_start(b->loop, &b->beat);
     }
-    /* Frames may already be buffered from the handshake. */
-    pump(b);
+    /* Frames may already be buffered from the handshake: pump on the next
+     * loop turn, once the caller knows it is connected. */
+    ev_feed_event(b->loop, &b->io, EV_READ);
     return WR_BROKER_OK;
 }
 

@@ -1,5 +1,6 @@
 #include "warren/delivery.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,24 +55,39 @@ static int dup_bytes(amqp_pool_t *pool, amqp_bytes_t *b) {
     return 0;
 }
 
-/* Deep-copies the properties into the delivery's pool. */
+/* Deep-copies the properties into the delivery's pool. Only the fields
+ * whose flag is set are copied: rabbitmq-c leaves the others uninitialised. */
 static int copy_props(wr_delivery *d, const amqp_basic_properties_t *src) {
     amqp_basic_properties_t *p = &d->props;
-    *p = *src;
-    amqp_bytes_t *strings[] = {&p->content_type, &p->content_encoding, &p->correlation_id,
-                               &p->reply_to,     &p->expiration,       &p->message_id,
-                               &p->type,         &p->user_id,          &p->app_id,
-                               &p->cluster_id};
-    for (size_t i = 0; i < sizeof strings / sizeof *strings; i++)
-        if (dup_bytes(&d->pool, strings[i])) return -1;
-    if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
-        amqp_table_t copy;
-        if (amqp_table_clone(&src->headers, &copy, &d->pool) != AMQP_STATUS_OK) return -1;
-        p->headers = copy;
-    } else {
-        p->headers.num_entries = 0;
-        p->headers.entries = NULL;
+    memset(p, 0, sizeof *p);
+    p->_flags = src->_flags;
+    static const struct {
+        amqp_flags_t flag;
+        size_t offset;
+    } strings[] = {
+        {AMQP_BASIC_CONTENT_TYPE_FLAG, offsetof(amqp_basic_properties_t, content_type)},
+        {AMQP_BASIC_CONTENT_ENCODING_FLAG, offsetof(amqp_basic_properties_t, content_encoding)},
+        {AMQP_BASIC_CORRELATION_ID_FLAG, offsetof(amqp_basic_properties_t, correlation_id)},
+        {AMQP_BASIC_REPLY_TO_FLAG, offsetof(amqp_basic_properties_t, reply_to)},
+        {AMQP_BASIC_EXPIRATION_FLAG, offsetof(amqp_basic_properties_t, expiration)},
+        {AMQP_BASIC_MESSAGE_ID_FLAG, offsetof(amqp_basic_properties_t, message_id)},
+        {AMQP_BASIC_TYPE_FLAG, offsetof(amqp_basic_properties_t, type)},
+        {AMQP_BASIC_USER_ID_FLAG, offsetof(amqp_basic_properties_t, user_id)},
+        {AMQP_BASIC_APP_ID_FLAG, offsetof(amqp_basic_properties_t, app_id)},
+        {AMQP_BASIC_CLUSTER_ID_FLAG, offsetof(amqp_basic_properties_t, cluster_id)},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof *strings; i++) {
+        if (!(src->_flags & strings[i].flag)) continue;
+        amqp_bytes_t *to = (amqp_bytes_t *)((char *)p + strings[i].offset);
+        *to = *(const amqp_bytes_t *)((const char *)src + strings[i].offset);
+        if (dup_bytes(&d->pool, to)) return -1;
     }
+    if (src->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) p->delivery_mode = src->delivery_mode;
+    if (src->_flags & AMQP_BASIC_PRIORITY_FLAG) p->priority = src->priority;
+    if (src->_flags & AMQP_BASIC_TIMESTAMP_FLAG) p->timestamp = src->timestamp;
+    if ((src->_flags & AMQP_BASIC_HEADERS_FLAG) &&
+        amqp_table_clone(&src->headers, &p->headers, &d->pool) != AMQP_STATUS_OK)
+        return -1;
     return 0;
 }
 

@@ -83,8 +83,7 @@ static void on_alarm(int sig) {
 
 /* Arms a watchdog for the whole run; seconds <= 0 disables it. */
 static void arm_watchdog(double seconds) {
-    if (seconds <= 0)
-        return;
+    if (seconds <= 0) return;
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_alarm;
@@ -113,8 +112,7 @@ static long long parse_int(const char *opt, const char *text, long long min) {
 }
 
 static const char *need_value(int argc, char **argv, int *i) {
-    if (*i + 1 >= argc)
-        die("%s needs a value", argv[*i]);
+    if (*i + 1 >= argc) die("%s needs a value", argv[*i]);
     return argv[++*i];
 }
 
@@ -159,10 +157,8 @@ static void parse_args(int argc, char **argv, struct options *o) {
         } else if (strcmp(a, "--header") == 0) {
             const char *kv = need_value(argc, argv, &i);
             const char *eq = strchr(kv, '=');
-            if (eq == NULL || eq == kv)
-                die("--header needs K=V, got '%s'", kv);
-            if (o->nheaders == MAX_HEADERS)
-                die("at most %d --header options", MAX_HEADERS);
+            if (eq == NULL || eq == kv) die("--header needs K=V, got '%s'", kv);
+            if (o->nheaders == MAX_HEADERS) die("at most %d --header options", MAX_HEADERS);
             o->header_keys[o->nheaders] = strndup(kv, (size_t)(eq - kv));
             o->header_values[o->nheaders] = strdup(eq + 1);
             o->nheaders++;
@@ -176,10 +172,8 @@ static void parse_args(int argc, char **argv, struct options *o) {
             die("unexpected argument '%s'", a);
         }
     }
-    if (o->command == NULL || o->queue == NULL)
-        usage();
-    if (o->url == NULL || o->url[0] == '\0')
-        die("no broker: pass --url or set WARREN_TEST_URL");
+    if (o->command == NULL || o->queue == NULL) usage();
+    if (o->url == NULL || o->url[0] == '\0') die("no broker: pass --url or set WARREN_TEST_URL");
     if ((o->body != NULL) + (o->body_file != NULL) + (o->body_size >= 0) > 1)
         die("give only one of --body, --body-file, --body-size");
 }
@@ -220,8 +214,7 @@ static void check_reply(amqp_rpc_reply_t r, const char *what) {
 }
 
 static void check_status(int status, const char *what) {
-    if (status != AMQP_STATUS_OK)
-        die("%s: %s", what, amqp_error_string2(status));
+    if (status != AMQP_STATUS_OK) die("%s: %s", what, amqp_error_string2(status));
 }
 
 /* Opens a connection and channel CHANNEL; dies with one line on any failure. */
@@ -233,8 +226,7 @@ static amqp_connection_state_t connect_broker(const char *url) {
     if (copy == NULL || amqp_parse_url(copy, &ci) != AMQP_STATUS_OK)
         die("cannot parse URL '%s'", url);
     /* "amqp://host/" names the empty vhost; nobody means that, so take the default one. */
-    if (ci.vhost == NULL || ci.vhost[0] == '\0')
-        ci.vhost = "/";
+    if (ci.vhost == NULL || ci.vhost[0] == '\0') ci.vhost = "/";
 
     amqp_connection_state_t conn = amqp_new_connection();
     amqp_socket_t *sock;
@@ -252,8 +244,7 @@ static amqp_connection_state_t connect_broker(const char *url) {
     } else {
         sock = amqp_tcp_socket_new(conn);
     }
-    if (sock == NULL)
-        die("cannot create socket");
+    if (sock == NULL) die("cannot create socket");
     struct timeval tv = {.tv_sec = 10, .tv_usec = 0};
     int status = amqp_socket_open_noblock(sock, ci.host, ci.port, &tv);
     if (status != AMQP_STATUS_OK)
@@ -291,8 +282,7 @@ static void declare_queue(amqp_connection_state_t conn, const char *queue, amqp_
 static int cmd_declare(amqp_connection_state_t conn, const struct options *o) {
     if (o->fresh) {
         delete_queue(conn, o->queue);
-        if (o->dead_letter != NULL)
-            delete_queue(conn, o->dead_letter);
+        if (o->dead_letter != NULL) delete_queue(conn, o->dead_letter);
     }
     if (o->dead_letter == NULL) {
         declare_queue(conn, o->queue, amqp_empty_table);
@@ -330,21 +320,17 @@ static int cmd_depth(amqp_connection_state_t conn, const struct options *o) {
 /* Reads a whole file, binary-safe. */
 static amqp_bytes_t read_file(const char *path) {
     FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        die("%s: %s", path, strerror(errno));
+    if (f == NULL) die("%s: %s", path, strerror(errno));
     size_t cap = 65536, len = 0;
     char *buf = malloc(cap);
     for (;;) {
-        if (buf == NULL)
-            die("out of memory reading %s", path);
+        if (buf == NULL) die("out of memory reading %s", path);
         len += fread(buf + len, 1, cap - len, f);
-        if (len < cap)
-            break;
+        if (len < cap) break;
         cap *= 2;
         buf = realloc(buf, cap);
     }
-    if (ferror(f))
-        die("%s: read error", path);
+    if (ferror(f)) die("%s: read error", path);
     fclose(f);
     return (amqp_bytes_t){.len = len, .bytes = buf};
 }
@@ -356,13 +342,11 @@ static amqp_bytes_t read_file(const char *path) {
 static amqp_bytes_t make_body(const struct options *o, int *owned) {
     *owned = o->body_file != NULL || o->body_size >= 0;
     current_step = "publish";
-    if (o->body_file != NULL)
-        return read_file(o->body_file);
+    if (o->body_file != NULL) return read_file(o->body_file);
     if (o->body_size >= 0) {
         size_t n = (size_t)o->body_size;
         unsigned char *buf = malloc(n > 0 ? n : 1);
-        if (buf == NULL)
-            die("out of memory for a %zu byte body", n);
+        if (buf == NULL) die("out of memory for a %zu byte body", n);
         for (size_t i = 0; i < n; i++)
             buf[i] = (unsigned char)(i * 31 % 256);
         return (amqp_bytes_t){.len = n, .bytes = buf};
@@ -381,18 +365,15 @@ struct confirms {
 };
 
 static void confirm_one(struct confirms *c, uint64_t tag, unsigned char how) {
-    if (tag == 0 || tag > c->count || c->state[tag] != 0)
-        return;
+    if (tag == 0 || tag > c->count || c->state[tag] != 0) return;
     c->state[tag] = how;
     c->outstanding--;
-    if (how == 2)
-        c->nacked++;
+    if (how == 2) c->nacked++;
 }
 
 /* Applies a basic.ack/basic.nack, honouring "multiple" (all unconfirmed tags up to tag). */
 static void confirm(struct confirms *c, uint64_t tag, int multiple, unsigned char how) {
-    if (tag > c->count)
-        die("confirm for unknown delivery tag %" PRIu64, tag);
+    if (tag > c->count) die("confirm for unknown delivery tag %" PRIu64, tag);
     if (multiple) {
         for (uint64_t t = c->low; t <= tag; t++)
             confirm_one(c, t, how);
@@ -407,8 +388,7 @@ static void confirm(struct confirms *c, uint64_t tag, int multiple, unsigned cha
 static void handle_one_frame(amqp_connection_state_t conn, struct confirms *c) {
     amqp_frame_t frame;
     check_status(amqp_simple_wait_frame(conn, &frame), "waiting for confirms");
-    if (frame.frame_type != AMQP_FRAME_METHOD)
-        return;
+    if (frame.frame_type != AMQP_FRAME_METHOD) return;
     amqp_method_t *m = &frame.payload.method;
     switch (m->id) {
     case AMQP_BASIC_ACK_METHOD: {
@@ -462,8 +442,7 @@ static amqp_table_t make_headers(const struct options *o, amqp_table_entry_t *en
  */
 static int cmd_publish(amqp_connection_state_t conn, const struct options *o) {
     current_step = "publish";
-    if (o->count < 0)
-        die("--count N is required");
+    if (o->count < 0) die("--count N is required");
     int body_owned;
     amqp_bytes_t body = make_body(o, &body_owned);
 
@@ -473,13 +452,11 @@ static int cmd_publish(amqp_connection_state_t conn, const struct options *o) {
     uint64_t window = CONFIRM_WINDOW;
     if (body.len > 0 && CONFIRM_WINDOW_BYTES / body.len < window)
         window = CONFIRM_WINDOW_BYTES / body.len;
-    if (window < 1)
-        window = 1;
+    if (window < 1) window = 1;
 
     struct confirms c = {.count = (uint64_t)o->count, .low = 1};
     c.state = calloc((size_t)c.count + 1, 1);
-    if (c.state == NULL)
-        die("out of memory for %" PRIu64 " confirms", c.count);
+    if (c.state == NULL) die("out of memory for %" PRIu64 " confirms", c.count);
 
     amqp_table_entry_t entries[MAX_HEADERS];
     amqp_basic_properties_t props;
@@ -497,8 +474,7 @@ static int cmd_publish(amqp_connection_state_t conn, const struct options *o) {
 
     size_t idcap = strlen(o->prefix) + 32;
     char *id = malloc(idcap);
-    if (id == NULL)
-        die("out of memory");
+    if (id == NULL) die("out of memory");
     amqp_bytes_t routing_key = amqp_cstring_bytes(o->queue);
     for (uint64_t i = 1; i <= c.count; i++) {
         snprintf(id, idcap, "%s%" PRIu64, o->prefix, i);
@@ -517,8 +493,7 @@ static int cmd_publish(amqp_connection_state_t conn, const struct options *o) {
         handle_one_frame(conn, &c);
     free(id);
     free(c.state);
-    if (body_owned)
-        free(body.bytes);
+    if (body_owned) free(body.bytes);
     if (c.nacked > 0 || c.returned > 0)
         die("%" PRIu64 " of %" PRIu64 " messages nacked, %" PRIu64 " returned (unroutable)",
             c.nacked, c.count, c.returned);
@@ -554,22 +529,19 @@ static const amqp_field_value_t *table_get(const amqp_table_t *t, const char *ke
     size_t n = strlen(key);
     for (int i = 0; i < t->num_entries; i++) {
         const amqp_bytes_t *k = &t->entries[i].key;
-        if (k->len == n && memcmp(k->bytes, key, n) == 0)
-            return &t->entries[i].value;
+        if (k->len == n && memcmp(k->bytes, key, n) == 0) return &t->entries[i].value;
     }
     return NULL;
 }
 
 /* The "count" of the first x-death entry (the most recent dead-lettering), or 0. */
 static int64_t xdeath_count(const amqp_basic_properties_t *p) {
-    if (!(p->_flags & AMQP_BASIC_HEADERS_FLAG))
-        return 0;
+    if (!(p->_flags & AMQP_BASIC_HEADERS_FLAG)) return 0;
     const amqp_field_value_t *xd = table_get(&p->headers, "x-death");
     if (xd == NULL || xd->kind != AMQP_FIELD_KIND_ARRAY || xd->value.array.num_entries < 1)
         return 0;
     const amqp_field_value_t *first = &xd->value.array.entries[0];
-    if (first->kind != AMQP_FIELD_KIND_TABLE)
-        return 0;
+    if (first->kind != AMQP_FIELD_KIND_TABLE) return 0;
     const amqp_field_value_t *count = table_get(&first->value.table, "count");
     return count != NULL ? field_int(count) : 0;
 }
@@ -582,8 +554,7 @@ static int get_one(amqp_connection_state_t conn, const char *queue, amqp_message
                    uint64_t *tag, int *redelivered) {
     amqp_rpc_reply_t r = amqp_basic_get(conn, CHANNEL, amqp_cstring_bytes(queue), 0);
     check_reply(r, queue);
-    if (r.reply.id == AMQP_BASIC_GET_EMPTY_METHOD)
-        return 0;
+    if (r.reply.id == AMQP_BASIC_GET_EMPTY_METHOD) return 0;
     if (r.reply.id != AMQP_BASIC_GET_OK_METHOD)
         die("%s: unexpected reply 0x%08" PRIx32 " to basic.get", queue, r.reply.id);
     amqp_basic_get_ok_t *ok = r.reply.decoded;
@@ -603,8 +574,7 @@ static int cmd_drain(amqp_connection_state_t conn, const struct options *o) {
         amqp_message_t msg;
         uint64_t tag;
         int redelivered;
-        if (!get_one(conn, o->queue, &msg, &tag, &redelivered))
-            break;
+        if (!get_one(conn, o->queue, &msg, &tag, &redelivered)) break;
         const amqp_basic_properties_t *p = &msg.properties;
         if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG && p->message_id.len > 0)
             printf("%.*s", (int)p->message_id.len, (const char *)p->message_id.bytes);
@@ -615,8 +585,7 @@ static int cmd_drain(amqp_connection_state_t conn, const struct options *o) {
         amqp_destroy_message(&msg);
         amqp_maybe_release_buffers(conn);
     }
-    if (fflush(stdout) != 0)
-        die("writing stdout: %s", strerror(errno));
+    if (fflush(stdout) != 0) die("writing stdout: %s", strerror(errno));
     return 0;
 }
 
@@ -625,8 +594,7 @@ static int cmd_get(amqp_connection_state_t conn, const struct options *o) {
     amqp_message_t msg;
     uint64_t tag;
     int redelivered;
-    if (!get_one(conn, o->queue, &msg, &tag, &redelivered))
-        return 2;
+    if (!get_one(conn, o->queue, &msg, &tag, &redelivered)) return 2;
     if (fwrite(msg.body.bytes, 1, msg.body.len, stdout) != msg.body.len || fflush(stdout) != 0)
         die("writing stdout: %s", strerror(errno));
     ack(conn, tag);
@@ -651,11 +619,9 @@ int main(int argc, char **argv) {
     parse_args(argc, argv, &o);
     const struct command *cmd = NULL;
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
-        if (strcmp(commands[i].name, o.command) == 0)
-            cmd = &commands[i];
+        if (strcmp(commands[i].name, o.command) == 0) cmd = &commands[i];
     }
-    if (cmd == NULL)
-        die("unknown command '%s'", o.command);
+    if (cmd == NULL) die("unknown command '%s'", o.command);
     signal(SIGPIPE, SIG_IGN);
     arm_watchdog(o.timeout);
 
