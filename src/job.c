@@ -216,6 +216,11 @@ static void finish(wr_job *j, wr_outcome outcome) {
     wr_sched *s = j->sched;
     ev_timer_stop(s->loop, &j->timer);
     unready(j);
+    if (j->cancel) {
+        wr_wait_cancel cancel = j->cancel;
+        j->cancel = NULL;
+        cancel(j, j->wait_data);
+    }
     close_coroutine(j);
     *job_slot(j->co) = NULL;
     if (j->prev)
@@ -233,6 +238,18 @@ static void finish(wr_job *j, wr_outcome outcome) {
 void wr_sched_interrupt_all(wr_sched *s) {
     while (s->jobs)
         finish(s->jobs, WR_OUT_INTERRUPTED);
+}
+
+void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data) {
+    j->wait = why;
+    j->cancel = cancel;
+    j->wait_data = data;
+}
+
+void wr_job_resume(wr_job *j, int nargs) {
+    j->cancel = NULL;
+    j->wait_data = NULL;
+    run(j, nargs);
 }
 
 int wr_job_sleep(lua_State *L, wr_job *j, double seconds) {

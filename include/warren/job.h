@@ -20,10 +20,20 @@ typedef enum {
     WR_OUT_INTERRUPTED, /* cut off at a wait point: nothing was decided */
 } wr_outcome;
 
-typedef enum { WR_WAIT_NONE, WR_WAIT_SLEEP, WR_WAIT_SLICE } wr_wait;
+typedef enum {
+    WR_WAIT_NONE,
+    WR_WAIT_SLEEP,   /* warren.sleep: the job's timer */
+    WR_WAIT_SLICE,   /* gave up a time slice; resumed on the next loop turn */
+    WR_WAIT_CHILD,   /* warren.spawn: a child process */
+    WR_WAIT_CONFIRM, /* warren.publish: the broker's confirm */
+} wr_wait;
 
 typedef struct wr_sched wr_sched;
 typedef struct wr_job wr_job;
+
+/* Undoes a wait when its job is interrupted: stops watchers, releases what
+ * the wait holds. It must not resume the job. */
+typedef void (*wr_wait_cancel)(wr_job *j, void *data);
 
 struct wr_job {
     wr_sched *sched;
@@ -32,6 +42,8 @@ struct wr_job {
     int co_ref; /* registry reference in vm->L that keeps co alive */
     wr_delivery *delivery;
     wr_wait wait;
+    wr_wait_cancel cancel; /* set while waiting on something other than the timer */
+    void *wait_data;
     ev_timer timer;
     int decided; /* a wr_outcome chosen by the script, or -1 */
     double resumed_at;
@@ -69,6 +81,14 @@ wr_job *wr_job_current(lua_State *L);
 /* Suspends the job for seconds; call as `return wr_job_sleep(...)` from a
  * C function of the job's coroutine. */
 int wr_job_sleep(lua_State *L, wr_job *j, double seconds);
+
+/* Records why the job is about to yield and how to undo the wait if it is
+ * interrupted. Call just before `return lua_yield(L, 0)`. */
+void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data);
+
+/* Resumes a waiting job with nargs values the caller pushed onto j->co. The
+ * job may finish (and be freed) before this returns. */
+void wr_job_resume(wr_job *j, int nargs);
 
 /* Records the script's explicit decision, applied when handle returns. */
 void wr_job_decide(wr_job *j, wr_outcome outcome);
