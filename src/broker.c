@@ -173,7 +173,7 @@ static void pump(wr_broker *b) {
         int rc = amqp_simple_wait_frame_noblock(b->conn, &f, &zero);
         if (rc == AMQP_STATUS_TIMEOUT) break;
         if (rc != AMQP_STATUS_OK) {
-            lose(b, "%s: connection lost: %s", b->where, amqp_error_string2(rc));
+            lose(b, "%s: %s", b->where, amqp_error_string2(rc));
             return;
         }
         if (f.channel == CHANNEL) {
@@ -225,8 +225,10 @@ static void destroy(wr_broker *b) {
     b->dead = false;
 }
 
-/* Opens channel 1, applies qos and checks (or declares) the queue. */
+/* Opens channel 1 and applies qos. Delivery tags belong to one channel
+ * instance, so each opening starts a new generation. */
 static wr_broker_status open_channel(wr_broker *b, char *err, size_t errlen) {
+    b->generation++;
     amqp_channel_open(b->conn, CHANNEL);
     wr_broker_status st =
         describe(b, amqp_get_rpc_reply(b->conn), "opening a channel", err, errlen);
@@ -353,7 +355,6 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen) {
         b->url_index = (b->url_index + 1) % n;
         return st;
     }
-    b->generation++;
     b->last_in = ev_now(b->loop);
     ev_io_init(&b->io, io_cb, amqp_get_sockfd(b->conn), EV_READ);
     b->io.data = b;
@@ -384,7 +385,7 @@ int wr_broker_settle(wr_broker *b, const wr_delivery *d, wr_settle how) {
         break;
     }
     if (rc != AMQP_STATUS_OK) {
-        lose(b, "%s: connection lost while settling: %s", b->where, amqp_error_string2(rc));
+        lose(b, "%s: settling: %s", b->where, amqp_error_string2(rc));
         return -1;
     }
     return 0;
@@ -399,7 +400,7 @@ int wr_broker_cancel(wr_broker *b) {
     amqp_basic_cancel_t req = {b->consumer_tag, 0};
     int rc = amqp_send_method(b->conn, CHANNEL, AMQP_BASIC_CANCEL_METHOD, &req);
     if (rc != AMQP_STATUS_OK) {
-        lose(b, "%s: connection lost while cancelling: %s", b->where, amqp_error_string2(rc));
+        lose(b, "%s: cancelling: %s", b->where, amqp_error_string2(rc));
         return -1;
     }
     return 0;

@@ -110,13 +110,20 @@ static void try_connect(host *h) {
 }
 
 static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
-    (void)loop, (void)revents;
+    (void)revents;
     host *h = w->data;
     if (h->state == CONNECTING) {
         try_connect(h);
         return;
     }
     if (h->state != RUNNING || h->consuming) return;
+    /* Jobs still running hold tags of this channel; a failed re-consume
+     * closes it. Let them finish first, as a cancel promises. */
+    if (wr_sched_running(h->sched) > 0) {
+        ev_timer_set(&h->retry_timer, BACKOFF_MIN, 0);
+        ev_timer_start(loop, &h->retry_timer);
+        return;
+    }
     char err[512];
     if (wr_broker_consume(h->broker, err, sizeof err) == WR_BROKER_OK) {
         wr_info("consuming '%s' again", h->cfg->queue);
@@ -153,7 +160,8 @@ static void on_cancelled(void *ud) {
 static void on_lost(void *ud, const char *why) {
     host *h = ud;
     size_t n = wr_sched_running(h->sched);
-    wr_warn("%s; %zu jobs in flight are interrupted and will be redelivered", why, n);
+    wr_warn("connection lost: %s; %zu jobs in flight are interrupted and will be redelivered", why,
+            n);
     wr_sched_interrupt_all(h->sched);
     wr_broker_close(h->broker, 0);
     if (h->state == DRAINING) {

@@ -47,8 +47,9 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen);
 
 bool wr_broker_connected(const wr_broker *b);
 
-/* Increases with every successful connect; deliveries carry the value they
- * arrived with, and a delivery of an older generation cannot be settled. */
+/* Increases every time the consuming channel opens; deliveries carry the
+ * value they arrived with, and one of an older generation cannot be settled
+ * (its tag died with its channel). */
 unsigned wr_broker_generation(const wr_broker *b);
 
 /* The URL in use, without the password, for logs. */
