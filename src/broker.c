@@ -12,6 +12,7 @@
 #include "warren/log.h"
 
 #define CHANNEL 1
+#define PUBLISH_CHANNEL 2
 #define FRAME_MAX 131072
 #define CONNECT_SECONDS 5
 #define CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
@@ -29,6 +30,7 @@ struct wr_broker {
     char why[256];
     amqp_bytes_t consumer_tag;
     wr_assembler assembler;
+    wr_publisher *publisher; /* channel 2 */
     ev_io io;
     ev_timer beat;     /* pumps at half the heartbeat so heartbeats go out */
     ev_timer lost;     /* reports a loss from the loop's top level */
@@ -45,6 +47,10 @@ wr_broker *wr_broker_new(struct ev_loop *loop, const wr_config *cfg, const wr_br
     b->ud = ud;
     /* Keep as many recycled deliveries as can be in flight at once, up to a bound. */
     wr_assembler_init(&b->assembler, cfg->prefetch < 1024 ? (size_t)cfg->prefetch + 1 : 1024);
+    if (!(b->publisher = wr_publisher_new())) {
+        free(b);
+        return NULL;
+    }
     return b;
 }
 
@@ -176,6 +182,13 @@ static void pump(wr_broker *b) {
             lose(b, "%s: %s", b->where, amqp_error_string2(rc));
             return;
         }
+        if (f.channel == PUBLISH_CHANNEL) {
+            if (wr_publisher_frame(b->publisher, &f)) {
+                lose(b, "%s: the connection failed while publishing", b->where);
+                return;
+            }
+            continue;
+        }
         if (f.channel == CHANNEL) {
             wr_delivery *d;
             int r = wr_assembler_feed(&b->assembler, &f, &d);
@@ -218,6 +231,7 @@ static void destroy(wr_broker *b) {
     ev_timer_stop(b->loop, &b->beat);
     ev_timer_stop(b->loop, &b->lost);
     wr_assembler_reset(&b->assembler);
+    wr_publisher_bind(b->publisher, NULL);
     amqp_bytes_free(b->consumer_tag);
     b->consumer_tag = amqp_empty_bytes;
     if (b->conn) amqp_destroy_connection(b->conn);
@@ -356,6 +370,7 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen) {
         return st;
     }
     b->last_in = ev_now(b->loop);
+    wr_publisher_bind(b->publisher, b->conn);
     ev_io_init(&b->io, io_cb, amqp_get_sockfd(b->conn), EV_READ);
     b->io.data = b;
     ev_io_start(b->loop, &b->io);
@@ -391,6 +406,10 @@ int wr_broker_settle(wr_broker *b, const wr_delivery *d, wr_settle how) {
     return 0;
 }
 
+wr_publisher *wr_broker_publisher(wr_broker *b) {
+    return b->publisher;
+}
+
 void wr_broker_release(wr_broker *b, wr_delivery *d) {
     wr_delivery_release(&b->assembler, d);
 }
@@ -421,5 +440,6 @@ void wr_broker_free(wr_broker *b) {
     if (!b) return;
     destroy(b);
     wr_assembler_free(&b->assembler);
+    wr_publisher_free(b->publisher);
     free(b);
 }

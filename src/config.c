@@ -26,6 +26,7 @@ const char wr_usage[] =
     "      --connect-timeout SECS keep trying to reach the broker at start-up (default 30,\n"
     "                             0 = forever)\n"
     "      --declare              declare the queue (durable) if it is missing\n"
+    "      --max-retries N        warren.retry rejects a message retried this often (default 5)\n"
     "      --no-watch             do not reload the script when its files change\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
     "\n"
@@ -111,6 +112,7 @@ enum opt_id {
     OPT_HEARTBEAT,
     OPT_CONNECT_TIMEOUT,
     OPT_DECLARE,
+    OPT_MAX_RETRIES,
     OPT_NO_WATCH,
     OPT_LOG_LEVEL,
     OPT_COUNT
@@ -129,6 +131,7 @@ static const struct option_spec {
     [OPT_HEARTBEAT] = {0, "heartbeat", "WARREN_HEARTBEAT", true},
     [OPT_CONNECT_TIMEOUT] = {0, "connect-timeout", "WARREN_CONNECT_TIMEOUT", true},
     [OPT_DECLARE] = {0, "declare", "WARREN_DECLARE", false},
+    [OPT_MAX_RETRIES] = {0, "max-retries", "WARREN_MAX_RETRIES", true},
     [OPT_NO_WATCH] = {0, "no-watch", "WARREN_NO_WATCH", false},
     [OPT_LOG_LEVEL] = {0, "log-level", "WARREN_LOG_LEVEL", true},
 };
@@ -161,6 +164,10 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
         if (parse_int(v, 0, 65535, &c->heartbeat))
             return fail(err, errlen, "%s: expected whole seconds from 0 to 65535, got '%s'", from,
                         v);
+        return 0;
+    case OPT_MAX_RETRIES:
+        if (parse_int(v, 0, 1000000, &c->max_retries))
+            return fail(err, errlen, "%s: expected a whole number from 0, got '%s'", from, v);
         return 0;
     case OPT_DECLARE:
         if (parse_bool(v, &c->declare))
@@ -202,6 +209,7 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
     c->drain_timeout = 5;
     c->heartbeat = 10;
     c->connect_timeout = 30;
+    c->max_retries = 5;
     c->watch = true;
     c->log_level = WR_LOG_INFO;
 

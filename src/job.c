@@ -23,6 +23,8 @@ struct wr_sched {
     wr_job *ready, *ready_tail; /* jobs that gave up a time slice */
     ev_idle idle;               /* keeps the loop from blocking while jobs are ready */
     ev_check check;             /* resumes ready jobs after each poll */
+    const struct wr_config *cfg;
+    struct wr_publisher *pub;
 };
 
 static double now(void) {
@@ -121,6 +123,17 @@ void wr_sched_free(wr_sched *s) {
     ev_idle_stop(s->loop, &s->idle);
     ev_check_stop(s->loop, &s->check);
     free(s);
+}
+
+void wr_sched_set_context(wr_sched *s, const struct wr_config *cfg, struct wr_publisher *pub) {
+    s->cfg = cfg;
+    s->pub = pub;
+}
+const struct wr_config *wr_sched_config(const wr_sched *s) {
+    return s->cfg;
+}
+struct wr_publisher *wr_sched_publisher(const wr_sched *s) {
+    return s->pub;
 }
 
 size_t wr_sched_running(const wr_sched *s) {

@@ -12,6 +12,7 @@
 
 #include "warren/config.h"
 #include "warren/delivery.h"
+#include "warren/publisher.h"
 
 typedef struct wr_broker wr_broker;
 
@@ -58,6 +59,9 @@ const char *wr_broker_where(const wr_broker *b);
 /* Settles a delivery of the current generation. Returns 0, or -1 when the
  * delivery is stale or the write failed (lost is then reported). */
 int wr_broker_settle(wr_broker *b, const wr_delivery *d, wr_settle how);
+
+/* The publisher on this broker's connections (never NULL). */
+wr_publisher *wr_broker_publisher(wr_broker *b);
 
 /* Returns a delivery's memory for reuse. */
 void wr_broker_release(wr_broker *b, wr_delivery *d);

@@ -34,6 +34,7 @@ typedef struct wr_config {
     double drain_timeout;   /* seconds */
     int heartbeat;          /* whole seconds, 0 disables */
     double connect_timeout; /* seconds to keep trying at start-up, 0 = forever */
+    int max_retries;        /* warren.retry gives up (rejects) after this many */
     bool declare;
     bool watch; /* reload when the script changes */
     wr_log_level log_level;

@@ -30,6 +30,8 @@ typedef enum {
 
 typedef struct wr_sched wr_sched;
 typedef struct wr_job wr_job;
+struct wr_config;
+struct wr_publisher;
 
 /* Undoes a wait when its job is interrupted: stops watchers, releases what
  * the wait holds. It must not resume the job. */
@@ -69,6 +71,12 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d);
 /* Interrupts every job at its wait point: waiters stop, <close> variables
  * run, and done is called with WR_OUT_INTERRUPTED. */
 void wr_sched_interrupt_all(wr_sched *s);
+
+/* What jobs may use beyond the loop: the configuration and the publisher
+ * (NULL in `warren try`, where publishing is only logged). */
+void wr_sched_set_context(wr_sched *s, const struct wr_config *cfg, struct wr_publisher *pub);
+const struct wr_config *wr_sched_config(const wr_sched *s);
+struct wr_publisher *wr_sched_publisher(const wr_sched *s);
 
 size_t wr_sched_running(const wr_sched *s);
 void wr_sched_set_draining(wr_sched *s, bool draining);

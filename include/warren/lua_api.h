@@ -2,6 +2,7 @@
 #ifndef WARREN_LUA_API_H
 #define WARREN_LUA_API_H
 
+#include <lauxlib.h>
 #include <lua.h>
 
 #include "warren/delivery.h"
@@ -13,5 +14,8 @@ void wr_lua_open(wr_vm *vm);
 /* Pushes the msg table of a delivery: routing key, exchange, flags and the
  * AMQP properties with headers converted to Lua values. */
 void wr_push_msg(lua_State *L, const wr_delivery *d);
+
+/* warren.publish, warren.reply and warren.retry (lua_publish.c). */
+extern const luaL_Reg wr_lua_publish_funcs[];
 
 #endif

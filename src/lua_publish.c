@@ -1,0 +1,377 @@
+/* warren.publish, warren.reply and warren.retry: the Lua face of the
+ * publisher. Each yields the job until the broker confirms. */
+#include <lauxlib.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "warren/config.h"
+#include "warren/job.h"
+#include "warren/log.h"
+#include "warren/lua_api.h"
+#include "warren/publisher.h"
+
+#define RETRIES_HEADER "x-warren-retries"
+#define MAX_DEPTH 16
+
+/* A job waiting for a confirm. */
+typedef struct confirm_wait {
+    wr_job *job;
+    wr_publisher *pub;
+    uint64_t seq;
+    bool retry; /* the original is acked on confirm, requeued on failure */
+} confirm_wait;
+
+static void confirmed(void *ctx, const char *err) {
+    confirm_wait *w = ctx;
+    wr_job *j = w->job;
+    if (w->retry) wr_job_decide(j, err ? WR_OUT_REQUEUE : WR_OUT_ACK);
+    free(w);
+    if (err) {
+        lua_pushnil(j->co);
+        lua_pushstring(j->co, err);
+        wr_job_resume(j, 2);
+    } else {
+        lua_pushboolean(j->co, 1);
+        wr_job_resume(j, 1);
+    }
+}
+
+static void cancel_wait(wr_job *j, void *data) {
+    (void)j;
+    confirm_wait *w = data;
+    wr_publisher_forget(w->pub, w->seq);
+    free(w);
+}
+
+static int pool_gc(lua_State *L) {
+    empty_amqp_pool(lua_touserdata(L, 1));
+    return 0;
+}
+
+/* A pool for the message being built, owned by a userdata on the stack so
+ * that a Lua error half-way through frees it too. */
+static amqp_pool_t *new_pool(lua_State *L) {
+    amqp_pool_t *pool = lua_newuserdatauv(L, sizeof *pool, 0);
+    init_amqp_pool(pool, 1024);
+    if (luaL_newmetatable(L, "warren.pool")) {
+        lua_pushcfunction(L, pool_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    return pool;
+}
+
+/* Sends m and yields until the broker answers; returns nil, err at once
+ * when it cannot be sent. rabbitmq-c has copied the frames once send
+ * returns, so the pool is emptied before yielding. */
+static int send_and_wait(lua_State *L, wr_job *j, wr_publisher *pub, const wr_message *m,
+                         amqp_pool_t *pool, bool retry) {
+    char err[300] = "out of memory";
+    confirm_wait *w = calloc(1, sizeof *w);
+    uint64_t seq = w ? wr_publisher_send(pub, m, confirmed, w, err, sizeof err) : 0;
+    empty_amqp_pool(pool);
+    if (!seq) {
+        free(w);
+        if (retry) wr_job_decide(j, WR_OUT_REQUEUE);
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    w->job = j;
+    w->pub = pub;
+    w->seq = seq;
+    w->retry = retry;
+    wr_job_wait(j, WR_WAIT_CONFIRM, cancel_wait, w);
+    return lua_yield(L, 0);
+}
+
+static wr_job *need_job(lua_State *L, const char *fn) {
+    wr_job *j = wr_job_current(L);
+    if (!j)
+        luaL_error(L,
+                   "warren.%s can only be called from a job's own coroutine "
+                   "(not at load time nor from a nested coroutine)",
+                   fn);
+    return j;
+}
+
+static amqp_bytes_t lua_bytes(lua_State *L, int idx) {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    return (amqp_bytes_t){len, (void *)s};
+}
+
+static void to_field(lua_State *L, int idx, amqp_field_value_t *v, amqp_pool_t *pool, int depth);
+
+/* Converts the Lua table at idx to an AMQP table (string keys) or, when it
+ * is a sequence, an array. Memory comes from pool. */
+static void to_table(lua_State *L, int idx, amqp_field_value_t *v, amqp_pool_t *pool, int depth) {
+    if (depth > MAX_DEPTH) luaL_error(L, "headers nest deeper than %d", MAX_DEPTH);
+    idx = lua_absindex(L, idx);
+    luaL_checkstack(L, 4, "headers");
+    lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
+    if (n > 0) {
+        v->kind = AMQP_FIELD_KIND_ARRAY;
+        v->value.array.num_entries = (int)n;
+        v->value.array.entries = amqp_pool_alloc(pool, (size_t)n * sizeof(amqp_field_value_t));
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, idx, i);
+            to_field(L, -1, &v->value.array.entries[i - 1], pool, depth + 1);
+            lua_pop(L, 1);
+        }
+        return;
+    }
+    int count = 0;
+    for (lua_pushnil(L); lua_next(L, idx); lua_pop(L, 1))
+        count++;
+    v->kind = AMQP_FIELD_KIND_TABLE;
+    v->value.table.num_entries = 0;
+    v->value.table.entries =
+        amqp_pool_alloc(pool, (size_t)(count ? count : 1) * sizeof(amqp_table_entry_t));
+    for (lua_pushnil(L); lua_next(L, idx); lua_pop(L, 1)) {
+        if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "header names must be strings");
+        amqp_table_entry_t *e = &v->value.table.entries[v->value.table.num_entries++];
+        e->key = lua_bytes(L, -2);
+        to_field(L, -1, &e->value, pool, depth + 1);
+    }
+}
+
+static void to_field(lua_State *L, int idx, amqp_field_value_t *v, amqp_pool_t *pool, int depth) {
+    switch (lua_type(L, idx)) {
+    case LUA_TBOOLEAN:
+        v->kind = AMQP_FIELD_KIND_BOOLEAN;
+        v->value.boolean = lua_toboolean(L, idx);
+        break;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) {
+            v->kind = AMQP_FIELD_KIND_I64;
+            v->value.i64 = (int64_t)lua_tointeger(L, idx);
+        } else {
+            v->kind = AMQP_FIELD_KIND_F64;
+            v->value.f64 = (double)lua_tonumber(L, idx);
+        }
+        break;
+    case LUA_TSTRING:
+        v->kind = AMQP_FIELD_KIND_UTF8;
+        v->value.bytes = lua_bytes(L, idx);
+        break;
+    case LUA_TTABLE:
+        to_table(L, idx, v, pool, depth);
+        break;
+    default:
+        luaL_error(L, "a header value cannot be a %s", luaL_typename(L, idx));
+    }
+}
+
+static const struct {
+    const char *name;
+    amqp_flags_t flag;
+    size_t offset;
+} string_props[] = {
+    {"content_type", AMQP_BASIC_CONTENT_TYPE_FLAG, offsetof(amqp_basic_properties_t, content_type)},
+    {"content_encoding", AMQP_BASIC_CONTENT_ENCODING_FLAG,
+     offsetof(amqp_basic_properties_t, content_encoding)},
+    {"correlation_id", AMQP_BASIC_CORRELATION_ID_FLAG,
+     offsetof(amqp_basic_properties_t, correlation_id)},
+    {"reply_to", AMQP_BASIC_REPLY_TO_FLAG, offsetof(amqp_basic_properties_t, reply_to)},
+    {"expiration", AMQP_BASIC_EXPIRATION_FLAG, offsetof(amqp_basic_properties_t, expiration)},
+    {"message_id", AMQP_BASIC_MESSAGE_ID_FLAG, offsetof(amqp_basic_properties_t, message_id)},
+    {"type", AMQP_BASIC_TYPE_FLAG, offsetof(amqp_basic_properties_t, type)},
+    {"user_id", AMQP_BASIC_USER_ID_FLAG, offsetof(amqp_basic_properties_t, user_id)},
+    {"app_id", AMQP_BASIC_APP_ID_FLAG, offsetof(amqp_basic_properties_t, app_id)},
+};
+
+/* A message id for messages published without one: returns are matched
+ * by it, and consumers downstream can deduplicate with it. */
+static void ensure_message_id(lua_State *L, amqp_basic_properties_t *p) {
+    static unsigned long long counter;
+    if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) return;
+    lua_pushfstring(L, "warren-%d-%I", (int)getpid(), (lua_Integer)++counter);
+    p->message_id = lua_bytes(L, -1);
+    p->_flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+}
+
+/* Fills m from the table at index 1. Strings stay on the Lua stack, so m is
+ * valid until the C function returns or yields. */
+static void build(lua_State *L, wr_message *m, amqp_pool_t *pool) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    memset(m, 0, sizeof *m);
+    lua_getfield(L, 1, "exchange");
+    m->exchange = lua_isnil(L, -1) ? amqp_empty_bytes : lua_bytes(L, -1);
+    lua_getfield(L, 1, "routing_key");
+    m->routing_key = lua_isnil(L, -1) ? amqp_empty_bytes : lua_bytes(L, -1);
+    lua_getfield(L, 1, "body");
+    if (!lua_isstring(L, -1)) luaL_error(L, "warren.publish: body must be a string");
+    m->body = lua_bytes(L, -1);
+    lua_getfield(L, 1, "mandatory");
+    m->mandatory = lua_isnil(L, -1) || lua_toboolean(L, -1);
+    amqp_basic_properties_t *p = &m->props;
+    for (size_t i = 0; i < sizeof string_props / sizeof *string_props; i++) {
+        lua_getfield(L, 1, string_props[i].name);
+        if (lua_isnil(L, -1)) continue;
+        if (!lua_isstring(L, -1))
+            luaL_error(L, "warren.publish: %s must be a string", string_props[i].name);
+        *(amqp_bytes_t *)((char *)p + string_props[i].offset) = lua_bytes(L, -1);
+        p->_flags |= string_props[i].flag;
+    }
+    lua_getfield(L, 1, "persistent");
+    p->delivery_mode = lua_isnil(L, -1) || lua_toboolean(L, -1) ? 2 : 1;
+    p->_flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+    lua_getfield(L, 1, "priority");
+    if (!lua_isnil(L, -1)) {
+        p->priority = (uint8_t)luaL_checkinteger(L, -1);
+        p->_flags |= AMQP_BASIC_PRIORITY_FLAG;
+    }
+    lua_getfield(L, 1, "timestamp");
+    if (!lua_isnil(L, -1)) {
+        p->timestamp = (uint64_t)luaL_checkinteger(L, -1);
+        p->_flags |= AMQP_BASIC_TIMESTAMP_FLAG;
+    }
+    lua_getfield(L, 1, "headers");
+    if (lua_istable(L, -1)) {
+        amqp_field_value_t v;
+        to_table(L, -1, &v, pool, 0);
+        if (v.kind == AMQP_FIELD_KIND_ARRAY)
+            luaL_error(L, "warren.publish: headers must map names");
+        p->headers = v.value.table;
+        p->_flags |= AMQP_BASIC_HEADERS_FLAG;
+    }
+    ensure_message_id(L, p);
+}
+
+static int publish_table(lua_State *L, const char *fn) {
+    wr_job *j = need_job(L, fn);
+    amqp_pool_t *pool = new_pool(L);
+    wr_message m;
+    build(L, &m, pool);
+    wr_publisher *pub = wr_sched_publisher(j->sched);
+    if (!pub) {
+        wr_info("try: %s to exchange '%.*s' with routing key '%.*s': %zu bytes", fn,
+                (int)m.exchange.len, (char *)m.exchange.bytes, (int)m.routing_key.len,
+                (char *)m.routing_key.bytes, m.body.len);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return send_and_wait(L, j, pub, &m, pool, false);
+}
+
+static int l_publish(lua_State *L) {
+    return publish_table(L, "publish");
+}
+
+/* warren.reply(msg, body [, props]): publishes body to msg.reply_to with
+ * msg.correlation_id, through the default exchange. */
+static int l_reply(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checkstring(L, 2);
+    lua_getfield(L, 1, "reply_to");
+    if (!lua_isstring(L, -1)) return luaL_error(L, "warren.reply: the message has no reply_to");
+    lua_newtable(L);
+    if (lua_istable(L, 3)) {
+        for (lua_pushnil(L); lua_next(L, 3); lua_pop(L, 1)) {
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_settable(L, -4);
+        }
+    }
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "routing_key");
+    lua_pushliteral(L, "");
+    lua_setfield(L, -2, "exchange");
+    lua_pushvalue(L, 2);
+    lua_setfield(L, -2, "body");
+    lua_getfield(L, 1, "correlation_id");
+    lua_setfield(L, -2, "correlation_id");
+    lua_replace(L, 1);
+    lua_settop(L, 1);
+    return publish_table(L, "reply");
+}
+
+static lua_Integer retries_of(const wr_delivery *d) {
+    const amqp_field_value_t *v = wr_delivery_header(d, RETRIES_HEADER);
+    if (!v) return 0;
+    switch (v->kind) {
+    case AMQP_FIELD_KIND_I64:
+        return (lua_Integer)v->value.i64;
+    case AMQP_FIELD_KIND_I32:
+        return v->value.i32;
+    case AMQP_FIELD_KIND_U32:
+        return v->value.u32;
+    case AMQP_FIELD_KIND_I16:
+        return v->value.i16;
+    case AMQP_FIELD_KIND_U8:
+        return v->value.u8;
+    default:
+        return 0;
+    }
+}
+
+/* warren.retry(seconds): a copy of the message, with its retry count one
+ * higher, waits in the delay queue QUEUE.retry.MS and then goes back to the
+ * work queue; the original is acked once the broker confirms the copy. Past
+ * --max-retries the message is rejected (dead-lettered) instead. */
+static int l_retry(lua_State *L) {
+    lua_Number seconds = luaL_checknumber(L, 1);
+    luaL_argcheck(L, seconds >= 0 && seconds < 86400.0 * 365, 1, "expected seconds");
+    wr_job *j = need_job(L, "retry");
+    const wr_delivery *d = j->delivery;
+    const wr_config *cfg = wr_sched_config(j->sched);
+    lua_Integer retries = retries_of(d);
+    int max = cfg ? cfg->max_retries : 0;
+    if (retries >= max) {
+        wr_job_decide(j, WR_OUT_REJECT);
+        wr_warn("retried %d times already: rejecting instead", (int)retries);
+        lua_pushnil(L);
+        lua_pushfstring(L, "no retries left (%d of %d used)", (int)retries, max);
+        return 2;
+    }
+    wr_publisher *pub = wr_sched_publisher(j->sched);
+    if (!pub) {
+        wr_info("try: retry %d of %d in %g s", (int)retries + 1, max, (double)seconds);
+        wr_job_decide(j, WR_OUT_ACK);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    long ms = lround(seconds * 1000);
+    const char *queue = lua_pushfstring(L, "%s.retry.%d", cfg->queue, (int)ms);
+    char err[300];
+    if (wr_publisher_delay_queue(pub, queue, ms, cfg->queue, err, sizeof err)) {
+        wr_job_decide(j, WR_OUT_REQUEUE);
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    /* The copy: same body and properties, headers with the count raised. */
+    amqp_pool_t *pool = new_pool(L);
+    wr_message m = {.exchange = amqp_empty_bytes,
+                    .routing_key = amqp_cstring_bytes(queue),
+                    .body = d->body,
+                    .props = d->props,
+                    .mandatory = true};
+    const amqp_table_t *old = &d->props.headers;
+    amqp_table_entry_t *entries =
+        amqp_pool_alloc(pool, (size_t)(old->num_entries + 1) * sizeof *entries);
+    int n = 0;
+    for (int i = 0; i < old->num_entries; i++) {
+        amqp_bytes_t k = old->entries[i].key;
+        if (k.len == strlen(RETRIES_HEADER) && !memcmp(k.bytes, RETRIES_HEADER, k.len)) continue;
+        entries[n++] = old->entries[i];
+    }
+    entries[n].key = amqp_cstring_bytes(RETRIES_HEADER);
+    entries[n].value.kind = AMQP_FIELD_KIND_I64;
+    entries[n].value.value.i64 = retries + 1;
+    m.props.headers = (amqp_table_t){n + 1, entries};
+    m.props._flags |= AMQP_BASIC_HEADERS_FLAG;
+    if (!(m.props._flags & AMQP_BASIC_DELIVERY_MODE_FLAG)) {
+        m.props.delivery_mode = 2;
+        m.props._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+    }
+    ensure_message_id(L, &m.props);
+    return send_and_wait(L, j, pub, &m, pool, true);
+}
+
+const luaL_Reg wr_lua_publish_funcs[] = {
+    {"publish", l_publish}, {"reply", l_reply}, {"retry", l_retry}, {NULL, NULL}};
