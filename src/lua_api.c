@@ -6,6 +6,7 @@
 
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/spawn.h"
 
 static wr_vm *upvm(lua_State *L) {
     return lua_touserdata(L, lua_upvalueindex(1));
@@ -90,15 +91,17 @@ static int l_error(lua_State *L) {
 }
 
 static int open_warren(lua_State *L) {
-    static const luaL_Reg funcs[] = {{"sleep", l_sleep},   {"draining", l_draining},
-                                     {"ack", l_ack},       {"requeue", l_requeue},
-                                     {"reject", l_reject}, {NULL, NULL}};
+    static const luaL_Reg funcs[] = {
+        {"sleep", l_sleep},   {"draining", l_draining}, {"ack", l_ack}, {"requeue", l_requeue},
+        {"reject", l_reject}, {"spawn", wr_spawn_lua},  {NULL, NULL}};
     static const luaL_Reg logf[] = {
         {"debug", l_debug}, {"info", l_info}, {"warn", l_warn}, {"error", l_error}, {NULL, NULL}};
     wr_vm *vm = lua_touserdata(L, lua_upvalueindex(1));
     lua_newtable(L);
     lua_pushlightuserdata(L, vm);
     luaL_setfuncs(L, funcs, 1);
+    lua_pushlightuserdata(L, vm);
+    luaL_setfuncs(L, wr_lua_publish_funcs, 1);
     lua_newtable(L);
     lua_pushlightuserdata(L, vm);
     luaL_setfuncs(L, logf, 1);
@@ -212,6 +215,12 @@ void wr_push_msg(lua_State *L, const wr_delivery *d) {
     lua_setfield(L, -2, "exchange");
     lua_pushboolean(L, d->redelivered);
     lua_setfield(L, -2, "redelivered");
+    const amqp_field_value_t *retries = wr_delivery_header(d, "x-warren-retries");
+    if (retries)
+        push_field(L, retries);
+    else
+        lua_pushinteger(L, 0);
+    lua_setfield(L, -2, "retries");
     lua_pushinteger(L, (lua_Integer)d->tag);
     lua_setfield(L, -2, "delivery_tag");
     SET_BYTES(AMQP_BASIC_CONTENT_TYPE_FLAG, content_type, "content_type");
