@@ -41,7 +41,7 @@ wr_job *wr_job_current(lua_State *L) {
     return *job_slot(L);
 }
 
-static void finish(wr_job *j, wr_outcome outcome);
+static void finish(wr_job *j, wr_outcome outcome, bool failed);
 static void run(wr_job *j, int nargs);
 
 static void check_cb(struct ev_loop *loop, ev_check *w, int revents) {
@@ -212,20 +212,22 @@ static void run(wr_job *j, int nargs) {
         return;
     }
     if (status == LUA_OK) {
-        finish(j, j->decided >= 0 ? (wr_outcome)j->decided : WR_OUT_ACK);
+        finish(j, j->decided >= 0 ? (wr_outcome)j->decided : WR_OUT_ACK, false);
         return;
     }
     report_error(j);
-    finish(j, j->delivery->redelivered ? WR_OUT_REJECT : WR_OUT_REQUEUE);
+    finish(j, j->delivery->redelivered ? WR_OUT_REJECT : WR_OUT_REQUEUE, true);
 }
 
 /* Closes the coroutine so its pending <close> variables run; a failing
- * closer is logged, not propagated. */
-static void close_coroutine(wr_job *j) {
-    if (lua_resetthread(j->co) != LUA_OK) wr_error("closing job: %s", lua_tostring(j->co, -1));
+ * closer is logged, not propagated. After the job failed, Lua 5.4.4 returns
+ * the job's own error again, which was logged already. */
+static void close_coroutine(wr_job *j, bool failed) {
+    if (lua_resetthread(j->co) != LUA_OK && !failed)
+        wr_error("closing job: %s", lua_tostring(j->co, -1));
 }
 
-static void finish(wr_job *j, wr_outcome outcome) {
+static void finish(wr_job *j, wr_outcome outcome, bool failed) {
     wr_sched *s = j->sched;
     ev_timer_stop(s->loop, &j->timer);
     unready(j);
@@ -234,7 +236,7 @@ static void finish(wr_job *j, wr_outcome outcome) {
         j->cancel = NULL;
         cancel(j, j->wait_data);
     }
-    close_coroutine(j);
+    close_coroutine(j, failed);
     *job_slot(j->co) = NULL;
     if (j->prev)
         j->prev->next = j->next;
@@ -250,7 +252,7 @@ static void finish(wr_job *j, wr_outcome outcome) {
 
 void wr_sched_interrupt_all(wr_sched *s) {
     while (s->jobs)
-        finish(s->jobs, WR_OUT_INTERRUPTED);
+        finish(s->jobs, WR_OUT_INTERRUPTED, false);
 }
 
 void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data) {
