@@ -8,6 +8,7 @@
 #include "warren/broker.h"
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/spawn.h"
 #include "warren/vm.h"
 
 #define BACKOFF_MIN 0.1
@@ -16,6 +17,8 @@
 #define FORCED_CLOSE_TIMEOUT 0.5
 /* Editors save in several steps (write, rename): one reload per burst. */
 #define RELOAD_SETTLE 0.2
+/* How far file timestamps (the kernel's coarse clock) may lag ev_time(). */
+#define FILE_CLOCK_LAG 0.02
 #define MAX_WATCHES 32
 
 typedef enum { CONNECTING, RUNNING, DRAINING, STOPPED } host_state;
@@ -275,6 +278,26 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
 
 static void watch_files(host *h);
 
+/* Seconds from now until just past the current second of the wall clock,
+ * which file timestamps follow. The margin covers the kernel stamping files
+ * from a coarse clock that can lag ev_time(). */
+static ev_tstamp past_this_second(void) {
+    ev_tstamp now = ev_time();
+    return (ev_tstamp)((time_t)now + 1) + FILE_CLOCK_LAG - now;
+}
+
+/* ev_stat compares whole seconds, so a save in the same second as the state
+ * a watcher last saw, and of the same size, goes unnoticed. Called after the
+ * files were read or looked at: if one was written in this second, look
+ * again (reload_timer_cb) once it is over. A pending reload timer will call
+ * this again when it fires. */
+static void recheck_if_recent(host *h) {
+    if (!h->cfg->watch || ev_is_active(&h->reload_timer)) return;
+    if (!wr_vm_touched_since(h->vm, (time_t)(ev_time() - FILE_CLOCK_LAG))) return;
+    ev_timer_set(&h->reload_timer, past_this_second(), 0);
+    ev_timer_start(h->loop, &h->reload_timer);
+}
+
 /* Loads the script as a new version; on failure the current one serves on. */
 static void reload(host *h, const char *why) {
     char err[512];
@@ -282,14 +305,15 @@ static void reload(host *h, const char *why) {
     wr_vm *vm = wr_vm_load(h->cfg->script, version, h->sched, err, sizeof err);
     if (!vm) {
         wr_error("reload (%s) failed, version %u keeps serving: %s", why, h->vm->version, err);
+        recheck_if_recent(h);
         return;
     }
     wr_vm *old = h->vm;
     h->vm = vm;
+    watch_files(h);   /* before the unref: the watchers use the old version's paths */
     wr_vm_unref(old); /* closed when its last job ends */
     wr_info("reloaded (%s): version %u serves new messages; %d versions alive", why, version,
             wr_vm_alive());
-    watch_files(h);
 }
 
 static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
@@ -297,17 +321,29 @@ static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     reload(w->data, "SIGHUP");
 }
 
+/* Reloads unless nothing changed since the current version was read (a look
+ * past a second, or a SIGHUP that came first). */
 static void reload_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     (void)loop, (void)revents;
-    reload(w->data, "script changed");
+    host *h = w->data;
+    if (wr_vm_changed(h->vm)) {
+        reload(h, "script changed");
+        return;
+    }
+    wr_debug("script files unchanged since version %u read them", h->vm->version);
+    recheck_if_recent(h);
 }
 
 static void stat_cb(struct ev_loop *loop, ev_stat *w, int revents) {
     (void)revents;
     host *h = w->data;
-    /* Restarting the timer makes a burst of changes one reload. */
+    /* Restarting the timer makes a burst of changes one reload. Firing past
+     * the current second also makes the reload read any later save of the
+     * same second, which ev_stat cannot tell apart (libev's documented
+     * remedy). */
+    ev_tstamp settle = past_this_second();
     ev_timer_stop(loop, &h->reload_timer);
-    ev_timer_set(&h->reload_timer, RELOAD_SETTLE, 0);
+    ev_timer_set(&h->reload_timer, settle > RELOAD_SETTLE ? settle : RELOAD_SETTLE, 0);
     ev_timer_start(loop, &h->reload_timer);
 }
 
@@ -324,10 +360,11 @@ static void watch_files(host *h) {
     unwatch_files(h);
     for (size_t i = 0; i < h->vm->nfiles && h->nwatches < MAX_WATCHES; i++) {
         ev_stat *w = &h->watches[h->nwatches++];
-        ev_stat_init(w, stat_cb, h->vm->files[i], 1.0);
+        ev_stat_init(w, stat_cb, h->vm->files[i].path, 1.0);
         w->data = h;
         ev_stat_start(h->loop, w);
     }
+    recheck_if_recent(h);
 }
 
 int wr_host_run(const wr_config *cfg) {
@@ -347,6 +384,7 @@ int wr_host_run(const wr_config *cfg) {
         wr_sched_free(h->sched);
         return WR_EXIT_UNAVAILABLE;
     }
+    wr_sched_set_context(h->sched, cfg, wr_broker_publisher(h->broker));
     h->last_version = 1;
     h->vm = wr_vm_load(cfg->script, 1, h->sched, err, sizeof err);
     if (!h->vm) {
@@ -376,6 +414,7 @@ int wr_host_run(const wr_config *cfg) {
     srand((unsigned)(ev_time() * 1e6));
     try_connect(h);
     if (h->state != STOPPED) ev_run(h->loop, 0);
+    wr_spawn_shutdown(); /* no child outlives warren */
 
     unwatch_files(h);
     wr_broker_free(h->broker);

@@ -5,20 +5,35 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "warren/job.h"
 #include "warren/log.h"
 #include "warren/lua_api.h"
 
+/* How long the main chunk may run: one that never ends would otherwise hang
+ * the host's loop (heartbeats included) on a bad save, or `warren check`. */
+#define LOAD_TIMEOUT 5
+/* Instructions between two looks at the clock while loading. */
+#define LOAD_HOOK_COUNT 10000
+
 static int alive;
+static double load_deadline;
 
 int wr_vm_alive(void) {
     return alive;
 }
 
+/* Message handler of the load: the error with a traceback, as lua.c does. An
+ * error object that is not a string is named by its type, where it was raised. */
 static int traceback(lua_State *L) {
     const char *msg = lua_tostring(L, 1);
-    if (!msg) msg = luaL_tolstring(L, 1, NULL);
+    if (!msg) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+        luaL_where(L, 2);
+        msg = lua_pushfstring(L, "%s(error object is a %s value)", lua_tostring(L, -1),
+                              luaL_typename(L, 1));
+    }
     luaL_traceback(L, L, msg, 1);
     return 1;
 }
@@ -37,20 +52,69 @@ static void set_path(lua_State *L, const char *script) {
     lua_pop(L, 3);
 }
 
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Count hook while the main chunk runs: ends a load that runs too long with
+ * an error at the line it has reached. */
+static void load_hook(lua_State *L, lua_Debug *ar) {
+    if (now() <= load_deadline) return;
+    /* luaL_error would name the caller of the running function. */
+    lua_getinfo(L, "Sl", ar);
+    lua_pushfstring(L, "%s:%d: still loading after %d s (an endless loop at the top level?)",
+                    ar->short_src, ar->currentline, LOAD_TIMEOUT);
+    lua_error(L);
+}
+
+static bool same_time(struct timespec a, struct timespec b) {
+    return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
+}
+
+bool wr_vm_changed(const wr_vm *vm) {
+    for (size_t i = 0; i < vm->nfiles; i++) {
+        const wr_vm_file *f = &vm->files[i];
+        struct stat st;
+        bool found = stat(f->path, &st) == 0;
+        if (found != f->found) return true;
+        if (found && (st.st_dev != f->st.st_dev || st.st_ino != f->st.st_ino ||
+                      st.st_size != f->st.st_size || !same_time(st.st_mtim, f->st.st_mtim) ||
+                      !same_time(st.st_ctim, f->st.st_ctim)))
+            return true;
+    }
+    return false;
+}
+
+bool wr_vm_touched_since(const wr_vm *vm, time_t second) {
+    for (size_t i = 0; i < vm->nfiles; i++) {
+        struct stat st;
+        if (stat(vm->files[i].path, &st) == 0 && (st.st_mtime >= second || st.st_ctime >= second))
+            return true;
+    }
+    return false;
+}
+
+/* Adds path to the files of vm, as it is now, once: the watcher of a file
+ * listed twice would share its inotify watch with the other one. */
 static int add_file(wr_vm *vm, const char *path) {
-    char **grown = realloc(vm->files, (vm->nfiles + 1) * sizeof *grown);
+    for (size_t i = 0; i < vm->nfiles; i++)
+        if (strcmp(vm->files[i].path, path) == 0) return 0;
+    wr_vm_file *grown = realloc(vm->files, (vm->nfiles + 1) * sizeof *grown);
     if (!grown) return -1;
     vm->files = grown;
-    if (!(vm->files[vm->nfiles] = strdup(path))) return -1;
+    wr_vm_file *f = &vm->files[vm->nfiles];
+    if (!(f->path = strdup(path))) return -1;
+    f->found = stat(path, &f->st) == 0;
     vm->nfiles++;
     return 0;
 }
 
-/* Records the script and every module loaded from the script's directory
- * (the first two entries of package.path), so the host can watch them. */
-static void collect_files(wr_vm *vm, const char *script) {
+/* Records every module loaded from the script's directory (the first two
+ * entries of package.path), so the host can watch them. */
+static void collect_modules(wr_vm *vm) {
     lua_State *L = vm->L;
-    add_file(vm, script);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     const char *path = lua_tostring(L, -1);
@@ -76,12 +140,21 @@ static void collect_files(wr_vm *vm, const char *script) {
     lua_settop(L, 0);
 }
 
-/* Copies the first line of the error on top of L into err. */
+/* Copies the error message on top of L into err as one line, without the
+ * traceback. A module that does not compile gives two lines ("error loading
+ * module ..." and "\tfile:line: ..."): both are kept, and so the line. */
 static void take_error(lua_State *L, char *err, size_t errlen) {
     const char *msg = lua_tostring(L, -1);
-    if (!msg) msg = "error object is not a string";
-    size_t n = strcspn(msg, "\n");
-    snprintf(err, errlen, "%.*s", (int)n, msg);
+    const char *end = strstr(msg, "\nstack traceback:");
+    size_t len = end ? (size_t)(end - msg) : strlen(msg);
+    size_t o = 0;
+    for (size_t i = 0; i < len && o + 1 < errlen; i++) {
+        if (msg[i] != '\n' && msg[i] != '\t')
+            err[o++] = msg[i];
+        else if (o > 0 && err[o - 1] != ' ')
+            err[o++] = ' ';
+    }
+    err[o] = '\0';
 }
 
 wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, char *err,
@@ -93,6 +166,10 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
         return NULL;
     }
     alive++;
+    /* Lua leaves the main thread's extra space uninitialised, and every thread
+     * starts with a copy of it: job.c reads it as the running job, which must
+     * be none outside a job's own coroutine (main chunk, nested coroutines). */
+    memset(lua_getextraspace(vm->L), 0, LUA_EXTRASPACE);
     vm->refs = 1;
     vm->version = version;
     vm->sched = sched;
@@ -102,11 +179,18 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
     set_path(L, script);
     wr_lua_open(vm);
 
+    /* Stamped before it is read: a save made during the load shows as a change. */
+    if (add_file(vm, script) != 0) {
+        snprintf(err, errlen, "%s: out of memory", script);
+        goto fail;
+    }
     lua_pushcfunction(L, traceback);
     if (luaL_loadfilex(L, script, "t") != LUA_OK) {
         take_error(L, err, errlen);
         goto fail;
     }
+    load_deadline = now() + LOAD_TIMEOUT;
+    lua_sethook(L, load_hook, LUA_MASKCOUNT, LOAD_HOOK_COUNT);
     if (lua_pcall(L, 0, 1, -2) != LUA_OK) {
         take_error(L, err, errlen);
         goto fail;
@@ -124,14 +208,12 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
         goto fail;
     }
     vm->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    collect_files(vm, script);
+    collect_modules(vm);
     /* Set after loading: the main chunk cannot yield, and jobs inherit it. */
     wr_job_install_hook(L);
     return vm;
 fail:
-    lua_close(L);
-    free(vm);
-    alive--;
+    wr_vm_unref(vm);
     return NULL;
 }
 
@@ -143,9 +225,10 @@ void wr_vm_unref(wr_vm *vm) {
     if (--vm->refs > 0) return;
     lua_close(vm->L);
     alive--;
-    wr_debug("closed script version %u; %d versions alive", vm->version, alive);
+    if (vm->handle_ref != LUA_NOREF) /* a load that failed was never a version */
+        wr_debug("closed script version %u; %d versions alive", vm->version, alive);
     for (size_t i = 0; i < vm->nfiles; i++)
-        free(vm->files[i]);
+        free(vm->files[i].path);
     free(vm->files);
     free(vm);
 }

@@ -5,9 +5,19 @@
 #define WARREN_VM_H
 
 #include <lua.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <sys/stat.h>
+#include <time.h>
 
 struct wr_sched;
+
+/* A file the version was loaded from, and how it looked then. */
+typedef struct wr_vm_file {
+    char *path;
+    bool found; /* the stat below succeeded */
+    struct stat st;
+} wr_vm_file;
 
 typedef struct wr_vm {
     lua_State *L;
@@ -15,15 +25,15 @@ typedef struct wr_vm {
     unsigned version;
     int handle_ref; /* registry reference of the script's handle function */
     struct wr_sched *sched;
-    char **files; /* the script and the modules it required from its own directory */
+    wr_vm_file *files; /* the script and the modules it required from its own directory */
     size_t nfiles;
 } wr_vm;
 
 /* Loads script into a fresh Lua state as the given version, with the warren
  * module available and the script's directory on package.path, and checks
  * that it defines handle (as a global, or a field of the table the chunk
- * returns). Returns the vm with one reference, or NULL with a one-line
- * "file:line: message" in err. */
+ * returns). A main chunk still running after 5 seconds fails. Returns the
+ * vm with one reference, or NULL with a one-line "file:line: message" in err. */
 wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, char *err,
                   size_t errlen);
 
@@ -35,5 +45,15 @@ void wr_vm_unref(wr_vm *vm);
 
 /* How many versions are alive right now (loaded and not yet closed). */
 int wr_vm_alive(void);
+
+/* Whether a file of vm has changed, been replaced or gone since vm read it,
+ * to the resolution of the file system's timestamps (unlike ev_stat, which
+ * compares whole seconds). The script is looked at just before it is read;
+ * a module just after the script has loaded. */
+bool wr_vm_changed(const wr_vm *vm);
+
+/* Whether a file of vm, as it is now, was last modified (content or inode)
+ * in or after the wall-clock second `second`. */
+bool wr_vm_touched_since(const wr_vm *vm, time_t second);
 
 #endif

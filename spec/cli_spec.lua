@@ -1,0 +1,249 @@
+-- `warren check`, `warren try`, `--help` and `--version`: the script without
+-- a broker. Outputs and exit codes, as a user at a terminal sees them.
+local H = require "support.helper"
+
+-- A Lua pattern matching s literally.
+local function literal(s)
+  return (s:gsub("%p", "%%%0"))
+end
+
+local function lines(text)
+  local list = {}
+  for l in text:gmatch("[^\n]+") do list[#list + 1] = l end
+  return list
+end
+
+local SYNTAX_ERROR = "function handle(body)\n  return body +\nend\n"
+
+describe("warren check", function()
+  it("prints SCRIPT: ok and exits 0 for a good script", function()
+    local path = H.script("function handle(body, msg) end\n")
+    local code, out, err = H.run({ "check", path }, { split = true })
+    assert.equal(0, code)
+    assert.equal(path .. ": ok\n", out)
+    assert.equal("", err)
+  end)
+
+  it("accepts a handle returned in a table", function()
+    local path = H.script("return { handle = function(body, msg) end }\n")
+    local code, out = H.run({ "check", path }, { split = true })
+    assert.equal(0, code)
+    assert.equal(path .. ": ok\n", out)
+  end)
+
+  it("only loads: a handler that throws passes", function()
+    local path = H.script("function handle(body, msg) error('boom') end\n")
+    local code, out, err = H.run({ "check", path }, { split = true })
+    assert.equal(0, code)
+    assert.equal(path .. ": ok\n", out)
+    assert.equal("", err)
+  end)
+
+  for _, case in ipairs({
+    { "a syntax error", SYNTAX_ERROR, ":3: unexpected symbol near 'end'" },
+    { "an error while loading", "local x = 1\nerror('not today')\n", ":2: not today" },
+    { "an error object that is not a string", "local x = 1\nerror({})\n",
+      ":2: %(error object is a table value%)" },
+    { "a missing handle", "local x = 1\n",
+      ": no handle%(body, msg%) function %(define a global handle or return a table with one%)" },
+    { "warren.sleep at load time", "require('warren').sleep(1)\nfunction handle() end\n",
+      ":1: warren.sleep can only be called from a job's own coroutine" },
+  }) do
+    it("exits 78 with file:line on " .. case[1], function()
+      local path = H.script(case[2])
+      local code, out, err = H.run({ "check", path }, { split = true })
+      assert.equal(78, code)
+      assert.equal("", out)
+      assert.equal(1, #lines(err), err)
+      assert.matches("^" .. literal(path) .. case[3], err)
+    end)
+  end
+
+  it("reports a module from the script's directory that does not compile with its file:line",
+    function()
+    local path = H.script('local helper = require "helper"\nfunction handle() end\n')
+    local helper = path:match("^(.*)/") .. "/helper.lua"
+    H.write_file(helper, "local M = {}\nM.x = = 1\nreturn M\n")
+    local code, out, err = H.run({ "check", path }, { split = true })
+    assert.equal(78, code)
+    assert.equal("", out)
+    assert.equal(1, #lines(err), err)
+    assert.matches(literal(helper) .. ":2: unexpected symbol near '='", err)
+  end)
+
+  it("stops a top level that never ends after 5 s, at its line", function()
+    local path = H.script("local n = 0\nwhile true do\n  n = n + 1\nend\nfunction handle() end\n")
+    local t0 = H.now()
+    local code, _, err = H.run({ "check", path }, { split = true, timeout = 20 })
+    local took = H.now() - t0
+    assert.equal(78, code)
+    assert.matches("^" .. literal(path) .. ":[23]: still loading after 5 s", err)
+    assert.is_true(took >= 5 and took < 8, "took " .. took .. " s")
+  end)
+
+  it("lets the script log while it loads", function()
+    local path = H.script('local warren = require "warren"\n'
+      .. 'warren.log.info("loading version", warren.version)\nfunction handle() end\n')
+    local code, out, err = H.run({ "check", path }, { split = true })
+    assert.equal(0, code)
+    assert.equal(path .. ": ok\n", out)
+    assert.matches("^%S+ info  loading version 1\n$", err)
+  end)
+
+  it("exits 78 when the script cannot be read, and 64 without a script", function()
+    local code, out, err = H.run({ "check", "/nonexistent/job.lua" }, { split = true })
+    assert.equal(78, code)
+    assert.equal("", out)
+    assert.matches("cannot open /nonexistent/job.lua", err, 1, true)
+    code, out, err = H.run({ "check" }, { split = true })
+    assert.equal(64, code)
+    assert.equal("", out)
+    assert.equal("warren: missing SCRIPT.lua (see warren --help)\n", err)
+  end)
+end)
+
+describe("warren try", function()
+  -- Records each body (hex, so that empty and odd bodies show) and msg fields.
+  local recorder = H.RECORD_LUA .. [[local warren = require "warren"
+function handle(body, msg)
+  warren.log.info("got", body)
+  record(msg.message_id, (body:gsub(".", function(c) return string.format("%02x", c:byte()) end)),
+    msg.routing_key, tostring(msg.redelivered), msg.delivery_tag)
+end
+]]
+
+  local function hex(s)
+    return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+  end
+
+  it("runs handle on each body from argv, in order, and prints ack for each", function()
+    local rec = H.record_file()
+    local path = H.script(recorder)
+    local bodies = { "a b", "", "ünï", "last" }
+    local args = { "try", path }
+    for _, b in ipairs(bodies) do args[#args + 1] = b end
+    local code, out, err = H.run(args, { split = true, env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, code, err)
+    assert.equal("try-1: ack\ntry-2: ack\ntry-3: ack\ntry-4: ack\n", out)
+    local got = {}
+    for i, r in ipairs(H.records(rec)) do
+      got[i] = r.line
+    end
+    assert.same({
+      "try-1 " .. hex("a b") .. " try false 1",
+      "try-2  try false 2",
+      "try-3 " .. hex("ünï") .. " try false 3",
+      "try-4 " .. hex("last") .. " try false 4",
+    }, got)
+    assert.matches("info  %[try%-1%] got a b\n", err)
+  end)
+
+  it("reads one body per stdin line when there is none on the command line", function()
+    local rec = H.record_file()
+    local path = H.script(recorder)
+    local code, out = H.run({ "try", path },
+      { split = true, stdin = "one\n\nthree", env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, code)
+    assert.equal("try-1: ack\ntry-2: ack\ntry-3: ack\n", out)
+    local got = {}
+    for i, r in ipairs(H.records(rec)) do got[i] = r.line end
+    assert.same({
+      "try-1 " .. hex("one") .. " try false 1",
+      "try-2  try false 2",
+      "try-3 " .. hex("three") .. " try false 3",
+    }, got)
+  end)
+
+  it("prints requeue for a handler that throws, with the error and its traceback, and exits 1",
+    function()
+    local path = H.script([[local function inner(body)
+  error("bad body " .. body)
+end
+function handle(body, msg)
+  if body:find("x") then inner(body) end
+end
+]])
+    local code, out, err = H.run({ "try", path, "fine", "x1", "also fine" }, { split = true })
+    assert.equal(1, code)
+    assert.equal("try-1: ack\ntry-2: requeue\ntry-3: ack\n", out)
+    local p = literal(path)
+    assert.matches("error job try%-2 %(tag 2%) failed: " .. p .. ":2: bad body x1\n"
+      .. "stack traceback:\n", err)
+    assert.matches("\n\t" .. p .. ":2: in upvalue 'inner'\n", err)
+    assert.matches("\n\t" .. p .. ":5: in function 'handle'", err)
+    assert.is_nil(err:find("fine", 1, true))
+  end)
+
+  it("prints the outcome the script chose: reject, requeue, ack", function()
+    local path = H.script([[local warren = require "warren"
+function handle(body)
+  if body == "reject" then return warren.reject() end
+  if body == "requeue" then return warren.requeue() end
+end
+]])
+    local code, out = H.run({ "try", path, "reject", "requeue", "ok" }, { split = true })
+    assert.equal(1, code)
+    assert.equal("try-1: reject\ntry-2: requeue\ntry-3: ack\n", out)
+  end)
+
+  it("sleeps for real, one body after another", function()
+    local rec = H.record_file()
+    local path = H.script(H.RECORD_LUA .. [[local warren = require "warren"
+function handle(body, msg)
+  record("start", msg.message_id, now())
+  warren.sleep(tonumber(body))
+  record("end", msg.message_id, now())
+end
+]])
+    local code, out = H.run({ "try", path, "0.3", "0.3" },
+      { split = true, env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, code)
+    assert.equal("try-1: ack\ntry-2: ack\n", out)
+    local r = H.records(rec)
+    assert.same({ "start", "try-1", "end", "try-1", "start", "try-2", "end", "try-2" },
+      { r[1][1], r[1][2], r[2][1], r[2][2], r[3][1], r[3][2], r[4][1], r[4][2] })
+    for _, i in ipairs({ 1, 3 }) do
+      local slept = tonumber(r[i + 1][3]) - tonumber(r[i][3])
+      assert.is_true(slept >= 0.29 and slept < 1, "slept " .. slept .. " s")
+    end
+  end)
+
+  for _, case in ipairs({
+    { "a syntax error", SYNTAX_ERROR, ":3: unexpected symbol near 'end'" },
+    { "a missing handle", "local x = 1\n", ": no handle%(body, msg%) function" },
+  }) do
+    it("exits 78 with file:line on " .. case[1] .. ", running nothing", function()
+      local path = H.script(case[2])
+      local code, out, err = H.run({ "try", path, "a" }, { split = true })
+      assert.equal(78, code)
+      assert.equal("", out)
+      assert.matches("^" .. literal(path) .. case[3], err)
+    end)
+  end
+end)
+
+describe("warren --help and --version", function()
+  it("prints the usage with every command on stdout and exits 0", function()
+    for _, flag in ipairs({ "--help", "-h" }) do
+      local code, out, err = H.run({ flag }, { split = true })
+      assert.equal(0, code)
+      assert.equal("", err)
+      assert.matches("warren %[OPTIONS%] SCRIPT%.lua", out)
+      assert.matches("warren check SCRIPT%.lua", out)
+      assert.matches("warren try SCRIPT%.lua %[BODY%.%.%]", out)
+      assert.matches("--no-watch", out, 1, true)
+      assert.matches("78 the script does not load", out, 1, true)
+    end
+  end)
+
+  it("prints the project's version and exits 0", function()
+    local cmake = assert(H.read_file(H.source_dir .. "/CMakeLists.txt"))
+    local version = assert(cmake:match("project%(warren VERSION ([%d%.]+)"))
+    for _, flag in ipairs({ "--version", "-V" }) do
+      local code, out, err = H.run({ flag }, { split = true })
+      assert.equal(0, code)
+      assert.equal("", err)
+      assert.equal("warren " .. version .. "\n", out)
+    end
+  end)
+end)
