@@ -269,6 +269,10 @@ void wr_job_resume(wr_job *j, int nargs) {
 
 int wr_job_sleep(lua_State *L, wr_job *j, double seconds) {
     j->wait = WR_WAIT_SLEEP;
+    /* Timers count from the loop's cached time, which is as old as this
+     * loop turn (or the script load, in `warren try`): refresh it so a
+     * sleep never ends early. */
+    ev_now_update(j->sched->loop);
     ev_timer_set(&j->timer, seconds, 0);
     ev_timer_start(j->sched->loop, &j->timer);
     return lua_yield(L, 0);

@@ -595,7 +595,8 @@ static int cmd_get(amqp_connection_state_t conn, const struct options *o) {
     uint64_t tag;
     int redelivered;
     if (!get_one(conn, o->queue, &msg, &tag, &redelivered)) return 2;
-    if (fwrite(msg.body.bytes, 1, msg.body.len, stdout) != msg.body.len || fflush(stdout) != 0)
+    if ((msg.body.len && fwrite(msg.body.bytes, 1, msg.body.len, stdout) != msg.body.len) ||
+        fflush(stdout) != 0)
         die("writing stdout: %s", strerror(errno));
     ack(conn, tag);
     amqp_destroy_message(&msg);
