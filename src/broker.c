@@ -30,12 +30,18 @@ struct wr_broker {
     char why[256];
     amqp_bytes_t consumer_tag;
     wr_assembler assembler;
-    wr_publisher *publisher; /* channel 2 */
+    wr_publisher *publisher;      /* channel 2 */
+    wr_delivery *oldest, *newest; /* unsettled deliveries, in tag order */
+    uint64_t *acks;               /* acks of this loop turn, not sent yet */
+    size_t nacks, acks_cap;
+    ev_prepare flush; /* sends them before the loop waits again */
     ev_io io;
     ev_timer beat;     /* pumps at half the heartbeat so heartbeats go out */
     ev_timer lost;     /* reports a loss from the loop's top level */
     ev_tstamp last_in; /* when the broker last sent anything */
 };
+
+static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents);
 
 wr_broker *wr_broker_new(struct ev_loop *loop, const wr_config *cfg, const wr_broker_events *ev,
                          void *ud) {
@@ -47,6 +53,8 @@ wr_broker *wr_broker_new(struct ev_loop *loop, const wr_config *cfg, const wr_br
     b->ud = ud;
     /* Keep as many recycled deliveries as can be in flight at once, up to a bound. */
     wr_assembler_init(&b->assembler, cfg->prefetch < 1024 ? (size_t)cfg->prefetch + 1 : 1024);
+    ev_prepare_init(&b->flush, flush_cb);
+    b->flush.data = b;
     if (!(b->publisher = wr_publisher_new())) {
         free(b);
         return NULL;
@@ -169,6 +177,68 @@ static void handle_method(wr_broker *b, const amqp_frame_t *f) {
     }
 }
 
+static void track(wr_broker *b, wr_delivery *d) {
+    d->unsettled = true;
+    d->newer = NULL;
+    d->older = b->newest;
+    if (b->newest)
+        b->newest->newer = d;
+    else
+        b->oldest = d;
+    b->newest = d;
+}
+
+static void untrack(wr_broker *b, wr_delivery *d) {
+    if (!d->unsettled) return;
+    if (d->older)
+        d->older->newer = d->newer;
+    else
+        b->oldest = d->newer;
+    if (d->newer)
+        d->newer->older = d->older;
+    else
+        b->newest = d->older;
+    d->unsettled = false;
+    d->older = d->newer = NULL;
+}
+
+/* Forgets the unsettled deliveries and unsent acks of a channel that is
+ * gone: their tags died with it. */
+static void untrack_all(wr_broker *b) {
+    while (b->oldest)
+        untrack(b, b->oldest);
+    b->nacks = 0;
+}
+
+/* Sends the acks of this loop turn: those below the oldest unsettled
+ * delivery as one multiple ack (everything below it is settled), the others
+ * one by one. One write instead of one per message is most of the cost of
+ * a fast job. */
+static void flush_acks(wr_broker *b) {
+    if (b->nacks == 0 || !wr_broker_connected(b)) {
+        b->nacks = 0;
+        return;
+    }
+    uint64_t oldest = b->oldest ? b->oldest->tag : UINT64_MAX, below = 0;
+    int rc = AMQP_STATUS_OK;
+    for (size_t i = 0; i < b->nacks && rc == AMQP_STATUS_OK; i++) {
+        if (b->acks[i] < oldest)
+            below = b->acks[i] > below ? b->acks[i] : below;
+        else
+            rc = amqp_basic_ack(b->conn, CHANNEL, b->acks[i], 0);
+    }
+    if (below && rc == AMQP_STATUS_OK) rc = amqp_basic_ack(b->conn, CHANNEL, below, 1);
+    b->nacks = 0;
+    if (rc != AMQP_STATUS_OK) lose(b, "%s: acking: %s", b->where, amqp_error_string2(rc));
+}
+
+static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents) {
+    (void)revents;
+    wr_broker *b = w->data;
+    ev_prepare_stop(loop, w);
+    flush_acks(b);
+}
+
 /* Reads and dispatches every frame that is available without blocking,
  * including those rabbitmq-c has already buffered (they do not make the
  * socket readable again). A zero timeout also sends a due heartbeat. */
@@ -194,6 +264,7 @@ static void pump(wr_broker *b) {
             int r = wr_assembler_feed(&b->assembler, &f, &d);
             if (r == WR_FRAME_DONE) {
                 d->generation = b->generation;
+                track(b, d);
                 b->ev.delivery(b->ud, d);
                 continue;
             }
@@ -230,6 +301,8 @@ static void destroy(wr_broker *b) {
     ev_io_stop(b->loop, &b->io);
     ev_timer_stop(b->loop, &b->beat);
     ev_timer_stop(b->loop, &b->lost);
+    ev_prepare_stop(b->loop, &b->flush);
+    untrack_all(b);
     wr_assembler_reset(&b->assembler);
     wr_publisher_bind(b->publisher, NULL);
     amqp_bytes_free(b->consumer_tag);
@@ -243,6 +316,7 @@ static void destroy(wr_broker *b) {
  * instance, so each opening starts a new generation. */
 static wr_broker_status open_channel(wr_broker *b, char *err, size_t errlen) {
     b->generation++;
+    untrack_all(b);
     amqp_channel_open(b->conn, CHANNEL);
     wr_broker_status st =
         describe(b, amqp_get_rpc_reply(b->conn), "opening a channel", err, errlen);
@@ -385,20 +459,26 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen) {
     return WR_BROKER_OK;
 }
 
-int wr_broker_settle(wr_broker *b, const wr_delivery *d, wr_settle how) {
-    if (!wr_broker_connected(b) || d->generation != b->generation) return -1;
-    int rc;
-    switch (how) {
-    case WR_SETTLE_ACK:
-        rc = amqp_basic_ack(b->conn, CHANNEL, d->tag, 0);
-        break;
-    case WR_SETTLE_REQUEUE:
-        rc = amqp_basic_nack(b->conn, CHANNEL, d->tag, 0, 1);
-        break;
-    default:
-        rc = amqp_basic_reject(b->conn, CHANNEL, d->tag, 0);
-        break;
+int wr_broker_settle(wr_broker *b, wr_delivery *d, wr_settle how) {
+    if (!wr_broker_connected(b) || d->generation != b->generation || !d->unsettled) return -1;
+    untrack(b, d);
+    if (how == WR_SETTLE_ACK) {
+        if (b->nacks == b->acks_cap) {
+            size_t cap = b->acks_cap ? 2 * b->acks_cap : 64;
+            uint64_t *grown = realloc(b->acks, cap * sizeof *grown);
+            if (!grown) {
+                lose(b, "%s: out of memory while acking", b->where);
+                return -1;
+            }
+            b->acks = grown;
+            b->acks_cap = cap;
+        }
+        b->acks[b->nacks++] = d->tag;
+        ev_prepare_start(b->loop, &b->flush);
+        return 0;
     }
+    int rc = how == WR_SETTLE_REQUEUE ? amqp_basic_nack(b->conn, CHANNEL, d->tag, 0, 1)
+                                      : amqp_basic_reject(b->conn, CHANNEL, d->tag, 0);
     if (rc != AMQP_STATUS_OK) {
         lose(b, "%s: settling: %s", b->where, amqp_error_string2(rc));
         return -1;
@@ -411,6 +491,7 @@ wr_publisher *wr_broker_publisher(wr_broker *b) {
 }
 
 void wr_broker_release(wr_broker *b, wr_delivery *d) {
+    untrack(b, d);
     wr_delivery_release(&b->assembler, d);
 }
 
@@ -428,6 +509,7 @@ int wr_broker_cancel(wr_broker *b) {
 void wr_broker_close(wr_broker *b, double timeout) {
     if (!b->conn) return;
     if (!b->dead) {
+        flush_acks(b);
         struct timeval tv = {(time_t)timeout, (suseconds_t)((timeout - (time_t)timeout) * 1e6)};
         amqp_set_rpc_timeout(b->conn, &tv);
         amqp_channel_close(b->conn, CHANNEL, AMQP_REPLY_SUCCESS);
@@ -441,5 +523,6 @@ void wr_broker_free(wr_broker *b) {
     destroy(b);
     wr_assembler_free(&b->assembler);
     wr_publisher_free(b->publisher);
+    free(b->acks);
     free(b);
 }

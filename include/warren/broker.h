@@ -56,9 +56,11 @@ unsigned wr_broker_generation(const wr_broker *b);
 /* The URL in use, without the password, for logs. */
 const char *wr_broker_where(const wr_broker *b);
 
-/* Settles a delivery of the current generation. Returns 0, or -1 when the
- * delivery is stale or the write failed (lost is then reported). */
-int wr_broker_settle(wr_broker *b, const wr_delivery *d, wr_settle how);
+/* Settles a delivery of the current generation. A nack or reject is sent at
+ * once; acks wait for the end of the loop turn, when every ack below the
+ * oldest unsettled delivery goes out as one multiple ack. Returns 0, or -1
+ * when the delivery is stale or the write failed (lost is then reported). */
+int wr_broker_settle(wr_broker *b, wr_delivery *d, wr_settle how);
 
 /* The publisher on this broker's connections (never NULL). */
 wr_publisher *wr_broker_publisher(wr_broker *b);

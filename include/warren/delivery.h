@@ -20,6 +20,10 @@ typedef struct wr_delivery {
     uint64_t received; /* body bytes so far */
     amqp_pool_t pool;
     struct wr_delivery *next_free;
+    /* The broker's list of unsettled deliveries of the current channel, in
+     * tag order; see wr_broker_settle. */
+    bool unsettled;
+    struct wr_delivery *older, *newer;
 } wr_delivery;
 
 typedef struct wr_assembler {
