@@ -239,6 +239,33 @@ static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents) {
     flush_acks(b);
 }
 
+static void dispatch(wr_broker *b, const amqp_frame_t *f) {
+    if (f->channel == PUBLISH_CHANNEL) {
+        if (wr_publisher_frame(b->publisher, f))
+            lose(b, "%s: the connection failed while publishing", b->where);
+        return;
+    }
+    if (f->channel == CHANNEL) {
+        wr_delivery *d;
+        int r = wr_assembler_feed(&b->assembler, f, &d);
+        if (r == WR_FRAME_DONE) {
+            /* Its bytes are copied out: rabbitmq-c may reuse the channel's
+             * pool pages now rather than keep every page a burst needed. */
+            amqp_maybe_release_buffers_on_channel(b->conn, CHANNEL);
+            d->generation = b->generation;
+            track(b, d);
+            b->ev.delivery(b->ud, d);
+            return;
+        }
+        if (r == WR_FRAME_ERROR) {
+            lose(b, "%s: malformed delivery (frames out of order or out of memory)", b->where);
+            return;
+        }
+        if (r == WR_FRAME_PART) return;
+    }
+    if (f->frame_type == AMQP_FRAME_METHOD) handle_method(b, f);
+}
+
 /* Reads and dispatches every frame that is available without blocking,
  * including those rabbitmq-c has already buffered (they do not make the
  * socket readable again). A zero timeout also sends a due heartbeat. */
@@ -252,29 +279,12 @@ static void pump(wr_broker *b) {
             lose(b, "%s: %s", b->where, amqp_error_string2(rc));
             return;
         }
-        if (f.channel == PUBLISH_CHANNEL) {
-            if (wr_publisher_frame(b->publisher, &f)) {
-                lose(b, "%s: the connection failed while publishing", b->where);
-                return;
-            }
-            continue;
-        }
-        if (f.channel == CHANNEL) {
-            wr_delivery *d;
-            int r = wr_assembler_feed(&b->assembler, &f, &d);
-            if (r == WR_FRAME_DONE) {
-                d->generation = b->generation;
-                track(b, d);
-                b->ev.delivery(b->ud, d);
-                continue;
-            }
-            if (r == WR_FRAME_ERROR) {
-                lose(b, "%s: malformed delivery (frames out of order or out of memory)", b->where);
-                return;
-            }
-            if (r == WR_FRAME_PART) continue;
-        }
-        if (f.frame_type == AMQP_FRAME_METHOD) handle_method(b, &f);
+        dispatch(b, &f);
+        /* Nothing buffered: the socket's watcher says when more comes. One
+         * more call here would cost a recv and a poll that find nothing. */
+        if (!b->conn || b->dead ||
+            (!amqp_frames_enqueued(b->conn) && !amqp_data_in_buffer(b->conn)))
+            break;
     }
     if (b->conn && !b->dead) amqp_maybe_release_buffers(b->conn);
 }
