@@ -7,12 +7,25 @@
 /* Exported by librabbitmq 0.11 but not declared in its public header. */
 int amqp_table_clone(const amqp_table_t *original, amqp_table_t *clone, amqp_pool_t *pool);
 
-/* Fits the deliver method, the properties and a small body. */
-#define POOL_PAGE 4096
+/* Every delivery in flight holds at least one page, and a recycled delivery
+ * keeps its pages, so the page is sized for the usual work message (exchange,
+ * routing key, a few properties, a short body) rather than for the worst
+ * case: ten thousand sleeping jobs must not pin forty megabytes of mostly
+ * empty 4 KB pages. Headers and longer strings simply take another page. */
+#define POOL_PAGE 256
+/* A body longer than this gets its own malloc instead of a pool block: the
+ * pool would calloc it, zeroing bytes that are overwritten at once, and would
+ * allocate a block list beside it. Derived from body.len alone, so that
+ * release knows which bodies to free without a flag in the struct. */
+#define POOL_BODY_MAX 128
 
 void wr_assembler_init(wr_assembler *a, size_t keep) {
     memset(a, 0, sizeof *a);
     a->keep = keep;
+}
+
+static bool body_on_heap(const wr_delivery *d) {
+    return d->body.bytes && d->body.len > POOL_BODY_MAX;
 }
 
 static wr_delivery *take(wr_assembler *a) {
@@ -32,6 +45,8 @@ static wr_delivery *take(wr_assembler *a) {
 
 void wr_delivery_release(wr_assembler *a, wr_delivery *d) {
     if (!d) return;
+    if (body_on_heap(d)) free(d->body.bytes);
+    d->body.bytes = NULL;
     if (a->nfree >= a->keep) {
         empty_amqp_pool(&d->pool);
         free(d);
@@ -128,11 +143,13 @@ int wr_assembler_feed(wr_assembler *a, const amqp_frame_t *f, wr_delivery **out)
         if (copy_props(d, props)) return drop(a);
         uint64_t size = f->payload.properties.body_size;
         if (size > SIZE_MAX - 1) return drop(a);
-        d->body.len = (size_t)size;
         /* One byte more so that an empty body still has a buffer: a non-NULL
          * body.bytes is what marks the header as seen. */
-        d->body.bytes = amqp_pool_alloc(&d->pool, (size_t)size + 1);
-        if (!d->body.bytes) return drop(a);
+        void *bytes = size > POOL_BODY_MAX ? malloc((size_t)size + 1)
+                                           : amqp_pool_alloc(&d->pool, (size_t)size + 1);
+        if (!bytes) return drop(a);
+        d->body.len = (size_t)size;
+        d->body.bytes = bytes;
         return size == 0 ? finish(a, out) : WR_FRAME_PART;
     }
     case AMQP_FRAME_BODY: {
