@@ -1,18 +1,6 @@
 -- Graceful drain and forced exit, with real signals and message ids.
 local H = require "support.helper"
 
-local function start(script, queue, args, env)
-  local argv = { "--url", H.url, "--queue", queue }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local proc = H.start(script, argv, { env = env })
-  H.wait_until(function()
-    local _, consumers = H.depth(queue)
-    return consumers == 1 or not proc:running()
-  end, 10, "warren consuming")
-  assert(proc:running(), "warren exited at start:\n" .. proc:log())
-  return proc
-end
-
 -- A job that records when it starts and ends, sleeps as long as its body
 -- says, and records when its <close> variable runs.
 local sleeper = H.RECORD_LUA .. [[
@@ -35,16 +23,11 @@ local function started(rec, n)
 end
 
 describe("drain", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   it("exits 0 at once on SIGTERM with nothing in flight, leaving the queue as it was", function()
     local q = H.queue("idle")
-    local proc = track(start(H.script(sleeper), q))
+    local proc = H.worker(H.script(sleeper), q)
     local t0 = H.now()
     proc:signal("TERM")
     assert.equal(0, proc:wait(5))
@@ -59,7 +42,7 @@ describe("drain", function()
     local q = H.queue("finish")
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "one", body = "1" })
-    local proc = track(start(H.script(sleeper), q, { "--drain-timeout", "5" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q, { "--drain-timeout", "5" }, { [H.RECORD_ENV] = rec })
     started(rec, 1)
     proc:signal("TERM")
     local t0 = H.now()
@@ -81,7 +64,7 @@ describe("drain", function()
     local q = H.queue("timeout")
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "long", body = "10" })
-    local proc = track(start(H.script(sleeper), q, { "--drain-timeout", "1" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q, { "--drain-timeout", "1" }, { [H.RECORD_ENV] = rec })
     started(rec, 1)
     local t0 = H.now()
     proc:signal("TERM")
@@ -103,7 +86,7 @@ describe("drain", function()
     local q = H.queue("twice")
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "int", body = "10" })
-    local proc = track(start(H.script(sleeper), q, { "--drain-timeout", "30" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q, { "--drain-timeout", "30" }, { [H.RECORD_ENV] = rec })
     started(rec, 1)
     proc:signal("INT")
     proc:wait_log("second signal forces exit", 5)
@@ -121,8 +104,8 @@ describe("drain", function()
     local q = H.queue("many")
     local rec = H.record_file()
     local ids = H.publish(q, 30, { prefix = "w", body = "1" })
-    local proc = track(start(H.script(sleeper), q, { "--prefetch", "10", "--drain-timeout", "5" },
-      { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q, { "--prefetch", "10", "--drain-timeout", "5" },
+      { [H.RECORD_ENV] = rec })
     started(rec, 10)
     proc:signal("TERM")
     assert.equal(0, proc:wait(10))
@@ -150,7 +133,7 @@ describe("drain", function()
         while true do end
       end]])
     H.publish(q, 1, { prefix = "cpu" })
-    local proc = track(start(script, q, { "--drain-timeout", "0.5" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, { "--drain-timeout", "0.5" }, { [H.RECORD_ENV] = rec })
     started(rec, 1)
     local t0 = H.now()
     proc:signal("TERM")
@@ -179,7 +162,7 @@ describe("drain", function()
       end]])
     H.publish(q, 1, { prefix = "spin", body = "spin" })
     H.publish(q, 1, { prefix = "nap", body = "nap" })
-    local proc = track(start(script, q, { "--prefetch", "2" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, { "--prefetch", "2" }, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return count(H.records(rec), "end") == 2 end, 10, "both jobs")
     local t = {}
     for _, r in ipairs(H.records(rec)) do t[r[1] .. r[2]] = tonumber(r[3]) end
@@ -195,8 +178,8 @@ describe("drain", function()
     local q = H.queue("beat")
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "hb", body = "4" })
-    local proc = track(start(H.script(sleeper), q,
-      { "--heartbeat", "1", "--drain-timeout", "10" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q,
+      { "--heartbeat", "1", "--drain-timeout", "10" }, { [H.RECORD_ENV] = rec })
     started(rec, 1)
     proc:signal("TERM")
     assert.equal(0, proc:wait(10))

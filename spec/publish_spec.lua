@@ -1,30 +1,8 @@
 -- Publishing with confirms, replies and delayed retries, against a real broker.
 local H = require "support.helper"
 
-local function start(script, queue, args, env)
-  local argv = { "--url", H.url, "--queue", queue }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local proc = H.start(script, argv, { env = env })
-  H.wait_until(function()
-    local _, consumers = H.depth(queue)
-    return consumers == 1 or not proc:running()
-  end, 10, "warren consuming")
-  assert(proc:running(), "warren exited at start:\n" .. proc:log())
-  return proc
-end
-
-local function stop(proc)
-  proc:signal("TERM")
-  return proc:wait(10)
-end
-
 describe("publish", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   it("waits for the broker's confirm, and the message is in the target queue", function()
     local q = H.queue("pub")
@@ -39,10 +17,10 @@ describe("publish", function()
         record(msg.message_id, tostring(ok), tostring(err))
       end]])
     H.publish(q, 3, { prefix = "in", body = "x" })
-    local proc = track(start(script, q, { "-p", "3" }, { [H.RECORD_ENV] = rec, TARGET = target }))
+    local proc = H.worker(script, q, { "-p", "3" }, { [H.RECORD_ENV] = rec, TARGET = target })
     H.wait_until(function() return #H.records(rec) == 3 end, 10, "3 jobs")
     for _, r in ipairs(H.records(rec)) do assert.same({ "true", "nil" }, { r[2], r[3] }) end
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({ "out-in1", "out-in2", "out-in3" }, H.ids(H.drain(target)))
     assert.equal(0, (H.depth(q)))
   end)
@@ -59,7 +37,7 @@ describe("publish", function()
         record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
       end]])
     H.publish(q, 1, { prefix = "missing", body = "no-such-exchange" })
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec, TARGET = target }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec, TARGET = target })
     H.wait_until(function() return #H.records(rec) == 1 end, 10, "first job")
     H.publish(q, 1, { prefix = "fine", body = "" })
     H.wait_until(function() return #H.records(rec) == 2 end, 10, "second job")
@@ -67,7 +45,7 @@ describe("publish", function()
     assert.equal("nil", recs[1][2])
     assert.matches("NOT_FOUND", recs[1][3])
     assert.same({ "fine1", "true" }, { recs[2][1], recs[2][2] })
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({ "out-fine1" }, H.ids(H.drain(target)))
     assert.equal(0, (H.depth(q)))
   end)
@@ -82,12 +60,12 @@ describe("publish", function()
         record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
       end]])
     H.publish(q, 1, { prefix = "u" })
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 1 end, 10, "job")
     local r = H.records(rec)[1]
     assert.equal("nil", r[2])
     assert.matches("NO_ROUTE", r[3])
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
   end)
 
   it("answers a request with warren.reply to its reply_to and correlation_id", function()
@@ -104,20 +82,15 @@ describe("publish", function()
         end
       end]])
     H.publish(q, 1, { prefix = "ask", body = "ask" })
-    local proc = track(start(script, q, {}, { REPLIES = replies }))
+    local proc = H.worker(script, q, {}, { REPLIES = replies })
     H.wait_until(function() return H.depth(replies) == 1 end, 10, "the reply")
     assert.equal("answer to c-42", H.get_body(replies))
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
   end)
 end)
 
 describe("retry", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   local flaky = H.RECORD_LUA .. [[
     local warren = require "warren"
@@ -130,14 +103,14 @@ describe("retry", function()
     local q = H.queue("flaky")
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "f", body = "2" })
-    local proc = track(start(H.script(flaky), q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(flaky), q, {}, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 3 end, 15, "three deliveries")
     local recs = H.records(rec)
     assert.same({ "0", "1", "2" }, { recs[1][2], recs[2][2], recs[3][2] })
     assert.is_true(tonumber(recs[2][3]) - tonumber(recs[1][3]) >= 0.29, "retried too early")
     H.wait_until(function() return H.depth(q) == 0 and H.depth(q .. ".retry.300") == 0 end, 10,
       "queues empty")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({}, H.drain(q))
     assert.equal(3, #H.records(rec))
     H.delete_queue(q .. ".retry.300")
@@ -147,12 +120,12 @@ describe("retry", function()
     local q, dlq = H.queue("hopeless", { dead_letter = true })
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "h", body = "99" })
-    local proc = track(start(H.script(flaky), q, { "--max-retries", "2" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(flaky), q, { "--max-retries", "2" }, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return H.depth(dlq) == 1 end, 15, "dead-lettered")
     local recs = H.records(rec)
     assert.same({ "0", "1", "2" }, { recs[1][2], recs[2][2], recs[3][2] })
     assert.matches("rejecting instead", proc:log(), 1, true)
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({ "h1" }, H.ids(H.drain(dlq)))
     assert.equal(0, (H.depth(q)))
     H.delete_queue(q .. ".retry.300")

@@ -3,23 +3,6 @@
 -- and one editor save gives one reload. Real broker, real warren processes.
 local H = require "support.helper"
 
-local function start(script, queue, args, env)
-  local argv = { "--url", H.url, "--queue", queue }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local proc = H.start(script, argv, { env = env })
-  H.wait_until(function()
-    local _, consumers = H.depth(queue)
-    return consumers == 1 or not proc:running()
-  end, 10, "warren consuming")
-  assert(proc:running(), "warren exited at start:\n" .. proc:log())
-  return proc
-end
-
-local function stop(proc)
-  proc:signal("TERM")
-  return proc:wait(10)
-end
-
 -- A Lua pattern matching s literally.
 local function literal(s)
   return (s:gsub("%p", "%%%0"))
@@ -107,12 +90,7 @@ local function assert_once(rec, ids)
 end
 
 describe("reload", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   for _, how in ipairs({ "the file changes", "SIGHUP" }) do
     it("finishes a job started on version 1 on version 1 while new messages run on version 2 ("
@@ -123,7 +101,7 @@ describe("reload", function()
       local script = H.script(job("one"))
       local args = { "--prefetch", "4", "--log-level", "debug" }
       if how == "SIGHUP" then args[#args + 1] = "--no-watch" end
-      local proc = track(start(script, q, args, { [H.RECORD_ENV] = rec, RELEASE_FILE = release }))
+      local proc = H.worker(script, q, args, { [H.RECORD_ENV] = rec, RELEASE_FILE = release })
       H.publish(q, 1, { prefix = "held", body = "hold" })
       H.wait_until(function() return index(rec).start.held1 end, 10, "held1 to start")
 
@@ -155,7 +133,7 @@ describe("reload", function()
       proc:wait_log("closed script version 1; 1 versions alive", 10, mark)
 
       H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-      assert.equal(0, stop(proc))
+      assert.equal(0, H.term(proc))
       table.insert(ids, "held1")
       assert_once(rec, ids)
       assert.same({}, H.drain(q))
@@ -167,7 +145,7 @@ describe("reload", function()
     local q = H.queue("syntax")
     local rec = H.record_file()
     local script = H.script(job("one"))
-    local proc = track(start(script, q, { "--prefetch", "2" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, { "--prefetch", "2" }, { [H.RECORD_ENV] = rec })
     local ids = H.publish(q, 5, { prefix = "a", body = "0.05" })
     H.wait_until(function() return ended_count(rec) == 5 end, 10, "five jobs on version 1")
 
@@ -200,7 +178,7 @@ end
     end
     assert.is_nil(proc:log():find("version 2 serves", 1, true))
     H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert_once(rec, ids)
     assert.same({}, H.drain(q))
   end)
@@ -210,7 +188,7 @@ end
     local q = H.queue("badload")
     local rec = H.record_file()
     local script = H.script(job("one"))
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     local ids = {}
     for i, case in ipairs({
       { "local x = 1\nerror('not today')\n", literal(script) .. ":2: not today" },
@@ -227,7 +205,7 @@ end
       assert.same({ "1", "one" }, { ended(rec, id)[3], ended(rec, id)[4] })
       ids[#ids + 1] = id
     end
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert_once(rec, ids)
     assert.same({}, H.drain(q))
   end)
@@ -238,8 +216,8 @@ end
     local rec = H.record_file()
     local script = H.script(job("save0"))
     local prefetch = 8
-    local proc = track(start(script, q, { "--prefetch", prefetch, "--log-level", "debug" },
-      { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, { "--prefetch", prefetch, "--log-level", "debug" },
+      { [H.RECORD_ENV] = rec })
     local ids = {}
     local function publish(prefix, n, body)
       for _, id in ipairs(H.publish(q, n, { prefix = prefix, body = body })) do
@@ -296,7 +274,7 @@ end
     assert.equal(reloads, count(log, "closed script version"))
 
     H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert_once(rec, ids)
     assert.same({}, H.drain(q))
   end)
@@ -306,7 +284,7 @@ end
     local q = H.queue("saves")
     local rec = H.record_file()
     local script = H.script(job("v1"))
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     local styles = {
       function(path, text) -- a slow writer: two writes, 50 ms apart
         local f = assert(io.open(path, "wb"))
@@ -342,7 +320,7 @@ end
     H.sleep(1.5)
     assert.equal(3, count(proc:log(), "reloaded %("))
     assert.equal(0, count(proc:log(), "failed"))
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert_once(rec, ids)
   end)
 
@@ -365,7 +343,7 @@ function handle(body, msg)
 end
 ]])
     -- warren runs in another directory: only package.path can find the modules.
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     local ids = {}
     local function probe(version, code)
       local id = H.publish(q, 1, { prefix = "p" .. #ids + 1 .. "-" })[1]
@@ -396,7 +374,7 @@ end
     proc:wait_log("reloaded %(script changed%): version 5 serves", 10, mark)
     probe(5, "h5+u2")
 
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert_once(rec, ids)
   end)
 end)

@@ -53,19 +53,14 @@ local function all_done(q, rec, ids)
 end
 
 describe("resilience", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   it("loses nothing when the broker application stops and starts mid-stream", function()
     local q = H.queue("restart")
     local rec = H.record_file()
     local ids = H.publish(q, 2000, { prefix = "r", body = "0.05" })
-    local proc = track(start(H.script(recorder), { "-u", H.url, "-q", q, "-p", "25" },
-      { [H.RECORD_ENV] = rec }))
+    local proc = start(H.script(recorder), { "-u", H.url, "-q", q, "-p", "25" },
+      { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) >= 300 end, 30, "300 handled")
     finally(function() H.ctl("start_app") end)
     assert(H.ctl("stop_app"))
@@ -83,8 +78,8 @@ describe("resilience", function()
     local q = H.queue("closed")
     local rec = H.record_file()
     local ids = H.publish(q, 2000, { prefix = "c", body = "0.01" })
-    local proc = track(start(H.script(recorder), { "-u", H.url, "-q", q, "-p", "25" },
-      { [H.RECORD_ENV] = rec }))
+    local proc = start(H.script(recorder), { "-u", H.url, "-q", q, "-p", "25" },
+      { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) >= 300 end, 30, "300 handled")
     assert(H.ctl("close_all_connections", "spec closes it"))
     proc:wait_log("spec closes it", 10)
@@ -100,8 +95,8 @@ describe("resilience", function()
     local q = H.queue("blackhole")
     local rec = H.record_file()
     local proxy = H.proxy(H.url)
-    local proc = track(start(H.script(recorder), { "-u", proxy.url, "-q", q, "--heartbeat", "1" },
-      { [H.RECORD_ENV] = rec }))
+    local proc = start(H.script(recorder), { "-u", proxy.url, "-q", q, "--heartbeat", "1" },
+      { [H.RECORD_ENV] = rec })
     consuming(q, proc)
     local mark = proc:mark()
     local t0 = H.now()
@@ -121,7 +116,7 @@ describe("resilience", function()
   it("resumes consuming when its queue is deleted and created again", function()
     local q = H.queue("deleted")
     local rec = H.record_file()
-    local proc = track(start(H.script(recorder), { "-u", H.url, "-q", q }, { [H.RECORD_ENV] = rec }))
+    local proc = start(H.script(recorder), { "-u", H.url, "-q", q }, { [H.RECORD_ENV] = rec })
     consuming(q, proc)
     H.delete_queue(q)
     proc:wait_log("cancelled the consumer", 10)
@@ -139,8 +134,8 @@ describe("resilience", function()
     local rec = H.record_file()
     local proxy = H.proxy(H.url)
     proxy:refuse()
-    local proc = track(start(H.script(recorder), { "-u", proxy.url, "-q", q },
-      { [H.RECORD_ENV] = rec }))
+    local proc = start(H.script(recorder), { "-u", proxy.url, "-q", q },
+      { [H.RECORD_ENV] = rec })
     proc:wait_log("retrying with backoff", 10)
     assert.is_true(proc:running())
     proxy:pass()
@@ -155,7 +150,7 @@ describe("resilience", function()
   it("exits promptly on a signal while waiting to reconnect", function()
     local proxy = H.proxy(H.url)
     proxy:refuse()
-    local proc = track(start(H.script(recorder), { "-u", proxy.url, "-q", "none" }))
+    local proc = start(H.script(recorder), { "-u", proxy.url, "-q", "none" })
     proc:wait_log("retrying with backoff", 10)
     local t0 = H.now()
     proc:signal("TERM")
@@ -168,8 +163,8 @@ describe("resilience", function()
     local q = H.queue("failover")
     local rec = H.record_file()
     local dead = "amqp://guest:guest@127.0.0.1:1/"
-    local proc = track(start(H.script(recorder), { "-u", dead, "-u", H.url, "-q", q },
-      { [H.RECORD_ENV] = rec }))
+    local proc = start(H.script(recorder), { "-u", dead, "-u", H.url, "-q", q },
+      { [H.RECORD_ENV] = rec })
     consuming(q, proc)
     local ids = H.publish(q, 3, { prefix = "fo" })
     all_done(q, rec, ids)

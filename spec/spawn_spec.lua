@@ -3,23 +3,6 @@
 local H = require "support.helper"
 local cjson = require "cjson"
 
-local function start(script, queue, args, env, url)
-  local argv = { "--url", url or H.url, "--queue", queue }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local proc = H.start(script, argv, { env = env })
-  H.wait_until(function()
-    local _, consumers = H.depth(queue)
-    return consumers == 1 or not proc:running()
-  end, 10, "warren consuming")
-  assert(proc:running(), "warren exited at start:\n" .. proc:log())
-  return proc
-end
-
-local function stop(proc)
-  proc:signal("TERM")
-  return proc:wait(10)
-end
-
 -- True while a process with this pid exists, zombies included (kill -0 succeeds on them).
 local function alive(pid)
   local ok = os.execute("kill -0 " .. pid .. " 2>/dev/null")
@@ -36,12 +19,7 @@ local function by_id(records, kind)
 end
 
 describe("warren.spawn", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   it("runs 20 one-second children at once at prefetch 20 and captures each one's output", function()
     local q = H.queue("spawn20")
@@ -56,7 +34,7 @@ describe("warren.spawn", function()
           (r.stdout:gsub("\n", "|")), (r.stderr:gsub("\n", "|")))
       end]])
     local ids = H.publish(q, 20, { prefix = "s" })
-    local proc = track(start(script, q, { "--prefetch", "20" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, { "--prefetch", "20" }, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 20 end, 15, "20 spawning jobs")
     local done = by_id(H.records(rec), "done")
     local first, last = math.huge, 0
@@ -70,7 +48,7 @@ describe("warren.spawn", function()
     end
     assert.is_true(last - first < 2.5, "20 one-second children took " .. (last - first) .. " s")
     H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({}, H.drain(q))
   end)
 
@@ -135,8 +113,8 @@ describe("warren.spawn", function()
     local names = { "status", "killed", "stdin", "big_stdin", "no_stdin", "cwd", "env", "timeout",
       "stubborn", "missing", "bad_cwd", "truncated", "clean_child", "bad_args" }
     for _, name in ipairs(names) do H.publish(q, 1, { prefix = name, body = name }) end
-    local proc = track(start(H.script(cases_script), q, { "--prefetch", #names },
-      { [H.RECORD_ENV] = rec, SPAWN_DIR = dir, INHERITED = "yes" }))
+    local proc = H.worker(H.script(cases_script), q, { "--prefetch", #names },
+      { [H.RECORD_ENV] = rec, SPAWN_DIR = dir, INHERITED = "yes" })
     H.wait_until(function() return #H.records(rec) == #names end, 15, "every case")
     local got = {}
     for _, r in ipairs(H.records(rec)) do
@@ -201,7 +179,7 @@ describe("warren.spawn", function()
     assert.matches("table expected, got string", errs[5], 1, true)
 
     H.wait_until(function() return H.depth(q) == 0 end, 10, "every case acked")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({}, H.drain(q))
   end)
 
@@ -256,7 +234,7 @@ describe("warren.spawn", function()
         local rec = H.record_file()
         local pidfile = H.tmpdir() .. "/pid"
         local env = { [H.RECORD_ENV] = rec, PIDFILE = pidfile, MODE = mode }
-        local proc = track(start(H.script(pid_script), q, {}, env))
+        local proc = H.worker(H.script(pid_script), q, {}, env)
         H.publish(q, 1, { prefix = "f" })
         local pid = wait_pid(pidfile)
         assert.is_true(running(pid), "the sleep is not running")
@@ -289,8 +267,8 @@ describe("warren.spawn", function()
         local rec = H.record_file()
         local pidfile = H.tmpdir() .. "/pid"
         local proxy = H.proxy()
-        local proc = track(start(H.script(pid_script), q, {},
-          { [H.RECORD_ENV] = rec, PIDFILE = pidfile, MODE = mode }, proxy.url))
+        local proc = H.worker(H.script(pid_script), q, {},
+          { [H.RECORD_ENV] = rec, PIDFILE = pidfile, MODE = mode }, proxy.url)
         H.publish(q, 1, { prefix = "l" })
         local pid = wait_pid(pidfile)
         local mark = proc:mark()
@@ -309,7 +287,7 @@ describe("warren.spawn", function()
         H.wait_until(function() return #kinds() == 4 end, 15, "the redelivery")
         assert.same({ "start false", "closed ", "start true", "closed " }, kinds())
         H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-        assert.equal(0, stop(proc))
+        assert.equal(0, H.term(proc))
         proxy:stop()
       end)
   end

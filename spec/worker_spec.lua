@@ -2,30 +2,8 @@
 -- each delivery exactly once. Real broker, real warren processes.
 local H = require "support.helper"
 
-local function start(script, queue, args, env)
-  local argv = { "--url", H.url, "--queue", queue }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
-  local proc = H.start(script, argv, { env = env })
-  H.wait_until(function()
-    local _, consumers = H.depth(queue)
-    return consumers == 1 or not proc:running()
-  end, 10, "warren consuming")
-  assert(proc:running(), "warren exited at start:\n" .. proc:log())
-  return proc
-end
-
-local function stop(proc)
-  proc:signal("TERM")
-  return proc:wait(10)
-end
-
 describe("worker", function()
-  local procs = {}
-  local function track(p) procs[#procs + 1] = p; return p end
-  after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
-    procs = {}
-  end)
+  after_each(H.stop_all)
 
   it("handles each of 1000 messages once and acks it, leaving the queue empty", function()
     local q = H.queue("thousand")
@@ -33,10 +11,10 @@ describe("worker", function()
     local script = H.script(H.RECORD_LUA .. [[
       function handle(body, msg) record(msg.message_id, tostring(msg.redelivered)) end]])
     local ids = H.publish(q, 1000, { prefix = "k", body = "x" })
-    local proc = track(start(script, q, { "--prefetch", "20" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, { "--prefetch", "20" }, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) >= 1000 end, 60, "1000 jobs")
     H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     local seen = {}
     for _, r in ipairs(H.records(rec)) do
       assert.is_nil(seen[r[1]], "handled twice: " .. r[1])
@@ -65,15 +43,15 @@ describe("worker", function()
     H.publish(q, 1, { prefix = "nul", body = nul })
     H.publish(q, 1, { prefix = "mib", body_size = 1 << 20 })
     H.publish(q, 1, { prefix = "big", body_size = 16 << 20 })
-    local proc = track(start(script, q, { "--prefetch", "4" },
-      { [H.RECORD_ENV] = rec, BODY_DIR = dir }))
+    local proc = H.worker(script, q, { "--prefetch", "4" },
+      { [H.RECORD_ENV] = rec, BODY_DIR = dir })
     H.wait_until(function() return #H.records(rec) == 4 end, 30, "four bodies")
     assert.equal("", H.read_file(dir .. "/empty1"))
     assert.equal(nul, H.read_file(dir .. "/nul1"))
     assert.is_true(H.read_file(dir .. "/mib1") == H.body_bytes(1 << 20), "1 MiB body differs")
     assert.is_true(H.read_file(dir .. "/big1") == H.body_bytes(16 << 20), "16 MiB body differs")
     H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.same({}, H.drain(q))
   end)
 
@@ -104,17 +82,17 @@ describe("worker", function()
     local q = H.queue("prefetch")
     local rec = H.record_file()
     H.publish(q, 15, { body = "0.5" })
-    local proc = track(start(H.script(sleeper), q, { "--prefetch", "5" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q, { "--prefetch", "5" }, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 30 end, 20, "15 jobs done")
     assert.equal(5, max_overlap(H.records(rec)))
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
   end)
 
   it("runs 100 one-second sleeps in about one second at prefetch 100", function()
     local q = H.queue("overlap")
     local rec = H.record_file()
     H.publish(q, 100, { body = "1" })
-    local proc = track(start(H.script(sleeper), q, { "--prefetch", "100" }, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(H.script(sleeper), q, { "--prefetch", "100" }, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 200 end, 20, "100 jobs done")
     local first, last = math.huge, 0
     for _, r in ipairs(H.records(rec)) do
@@ -123,7 +101,7 @@ describe("worker", function()
     end
     assert.equal(100, max_overlap(H.records(rec)))
     assert.is_true(last - first < 2.0, "took " .. (last - first) .. " s")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
   end)
 
   it("requeues a failing message once, then rejects it to the dead-letter queue", function()
@@ -135,7 +113,7 @@ describe("worker", function()
         error("boom in " .. msg.message_id)
       end]])
     H.publish(q, 1, { prefix = "bad" })
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return H.depth(dlq) == 1 end, 10, "dead-lettered")
     local recs = H.records(rec)
     assert.equal(2, #recs)
@@ -143,7 +121,7 @@ describe("worker", function()
     assert.same({ "bad1", "true" }, { recs[2][1], recs[2][2] })
     assert.matches("boom in bad1", proc:log(), 1, true)
     assert.matches("stack traceback", proc:log(), 1, true)
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     assert.equal(0, (H.depth(q)))
     local dead = H.drain(dlq)
     assert.equal(1, #dead)
@@ -162,9 +140,9 @@ describe("worker", function()
       end]])
     H.publish(q, 1, { prefix = "rej", body = "reject" })
     H.publish(q, 1, { prefix = "req", body = "requeue" })
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 3 and H.depth(q) == 0 end, 10, "settled")
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
     local dead = H.drain(dlq)
     assert.equal(1, #dead)
     assert.equal("rej1", dead[1].id)
@@ -184,11 +162,11 @@ describe("worker", function()
                msg.delivery_tag, msg.delivery_mode, msg.headers.color)
       end]])
     H.publish(q, 1, { prefix = "p", headers = { color = "blue" } })
-    local proc = track(start(script, q, {}, { [H.RECORD_ENV] = rec }))
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 1 end, 10, "handled")
     local r = H.records(rec)[1]
     assert.same({ "p1", q, "default", "1", "2", "blue" }, { r[1], r[2], r[3], r[4], r[5], r[6] })
-    assert.equal(0, stop(proc))
+    assert.equal(0, H.term(proc))
   end)
 end)
 

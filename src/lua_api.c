@@ -12,8 +12,7 @@ static wr_vm *upvm(lua_State *L) {
     return lua_touserdata(L, lua_upvalueindex(1));
 }
 
-/* The running job, or a Lua error naming fn when there is none. */
-static wr_job *need_job(lua_State *L, const char *fn) {
+wr_job *wr_lua_need_job(lua_State *L, const char *fn) {
     wr_job *j = wr_job_current(L);
     if (!j)
         luaL_error(L,
@@ -26,7 +25,7 @@ static wr_job *need_job(lua_State *L, const char *fn) {
 static int l_sleep(lua_State *L) {
     lua_Number s = luaL_checknumber(L, 1);
     luaL_argcheck(L, s >= 0 && isfinite(s), 1, "expected a non-negative number of seconds");
-    wr_job *j = need_job(L, "sleep");
+    wr_job *j = wr_lua_need_job(L, "sleep");
     return wr_job_sleep(L, j, (double)s);
 }
 
@@ -37,7 +36,7 @@ static int l_draining(lua_State *L) {
 }
 
 static int decide(lua_State *L, const char *fn, wr_outcome o) {
-    wr_job_decide(need_job(L, fn), o);
+    wr_job_decide(wr_lua_need_job(L, fn), o);
     return 0;
 }
 static int l_ack(lua_State *L) {

@@ -88,16 +88,6 @@ static int send_and_wait(lua_State *L, wr_job *j, wr_publisher *pub, const wr_me
     return lua_yield(L, 0);
 }
 
-static wr_job *need_job(lua_State *L, const char *fn) {
-    wr_job *j = wr_job_current(L);
-    if (!j)
-        luaL_error(L,
-                   "warren.%s can only be called from a job's own coroutine "
-                   "(not at load time nor from a nested coroutine)",
-                   fn);
-    return j;
-}
-
 static amqp_bytes_t lua_bytes(lua_State *L, int idx) {
     size_t len;
     const char *s = lua_tolstring(L, idx, &len);
@@ -243,7 +233,7 @@ static void build(lua_State *L, wr_message *m, amqp_pool_t *pool) {
 }
 
 static int publish_table(lua_State *L, const char *fn) {
-    wr_job *j = need_job(L, fn);
+    wr_job *j = wr_lua_need_job(L, fn);
     amqp_pool_t *pool = new_pool(L);
     wr_message m;
     build(L, &m, pool);
@@ -316,7 +306,7 @@ static lua_Integer retries_of(const wr_delivery *d) {
 static int l_retry(lua_State *L) {
     lua_Number seconds = luaL_checknumber(L, 1);
     luaL_argcheck(L, seconds >= 0 && seconds < 86400.0 * 365, 1, "expected seconds");
-    wr_job *j = need_job(L, "retry");
+    wr_job *j = wr_lua_need_job(L, "retry");
     const wr_delivery *d = j->delivery;
     const wr_config *cfg = wr_sched_config(j->sched);
     lua_Integer retries = retries_of(d);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "warren/job.h"
+#include "warren/lua_api.h"
 #include "warren/log.h"
 
 extern char **environ;
@@ -460,10 +461,7 @@ static void build_env(lua_State *L, int e, request *rq) {
 static const char *const option_names[] = {"stdin", "env", "cwd", "timeout", NULL};
 
 int wr_spawn_lua(lua_State *L) {
-    wr_job *j = wr_job_current(L);
-    if (!j)
-        return luaL_error(L, "warren.spawn can only be called from a job's own coroutine "
-                             "(not at load time nor from a nested coroutine)");
+    wr_job *j = wr_lua_need_job(L, "spawn");
     if (!lua_isyieldable(L))
         return luaL_error(L, "warren.spawn cannot wait here: it was called through a C function "
                              "that cannot yield (a metamethod, table.sort, string.gsub, ...)");

@@ -15,6 +15,12 @@ void wr_lua_open(wr_vm *vm);
  * AMQP properties with headers converted to Lua values. */
 void wr_push_msg(lua_State *L, const wr_delivery *d);
 
+struct wr_job;
+
+/* The job whose coroutine L is; raises a Lua error naming warren.fn when L
+ * is not a job's own coroutine (load time, a nested coroutine). */
+struct wr_job *wr_lua_need_job(lua_State *L, const char *fn);
+
 /* warren.publish, warren.reply and warren.retry (lua_publish.c). */
 extern const luaL_Reg wr_lua_publish_funcs[];
 

@@ -405,6 +405,33 @@ function H.start(script_path, args, opts)
   return H.spawn(argv, { env = opts.env, unset = H.WARREN_OPTION_VARS })
 end
 
+-- H.worker(script, queue, args, env, url) -> proc. Starts warren on queue (at url, default
+-- H.url) with the extra args and env, and returns once the broker shows its consumer; raises
+-- an error with the log if warren exits first.
+function H.worker(script, queue, args, env, url)
+  local argv = { "--url", url or H.url, "--queue", queue }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local proc = H.start(script, argv, { env = env })
+  H.wait_until(function()
+    local _, consumers = H.depth(queue)
+    return consumers == 1 or not proc:running()
+  end, 10, "warren consuming " .. queue)
+  assert(proc:running(), "warren exited at start:\n" .. proc:log())
+  return proc
+end
+
+-- H.term(proc) -> exit code: SIGTERM, then waits up to 10 s for the exit.
+function H.term(proc)
+  proc:signal("TERM")
+  return proc:wait(10)
+end
+
+-- H.stop_all(): kills every process started so far that still runs; for after_each, so a
+-- failed test leaves no worker consuming behind it.
+function H.stop_all()
+  for _, proc in ipairs(children) do proc:stop() end
+end
+
 -- H.run(args, opts) -> exit_code, output. Runs `WARREN_BIN args...` to completion, e.g.
 -- H.run({"check", path}). output is stdout and stderr interleaved; with opts.split it returns
 -- exit_code, stdout, stderr instead. opts.stdin: a string fed to stdin (default /dev/null);
