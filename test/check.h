@@ -7,15 +7,14 @@
 
 static int failures;
 
-#define CHECK(cond)                                                                               \
-    do {                                                                                          \
-        if (!(cond)) {                                                                            \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);              \
-            failures++;                                                                           \
-        }                                                                                         \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);               \
+            failures++;                                                                            \
+        }                                                                                          \
     } while (0)
 
-#define REPORT(name)                                                                              \
-    (printf("%s: %s\n", name, failures ? "FAILED" : "ok"), failures ? 1 : 0)
+#define REPORT(name) (printf("%s: %s\n", name, failures ? "FAILED" : "ok"), failures ? 1 : 0)
 
 #endif
