@@ -220,6 +220,32 @@ end
       assert.matches("^" .. literal(path) .. case[3], err)
     end)
   end
+
+  it("interrupts the running job on SIGTERM: <close> runs, its child ends, exit 75", function()
+    local rec = H.record_file()
+    local path = H.script(H.RECORD_LUA .. [[local warren = require "warren"
+function handle(body, msg)
+  local guard <close> = setmetatable({}, { __close = function() record("closed", msg.message_id) end })
+  record("start", msg.message_id)
+  warren.spawn { "sh", "-c", "echo $$ > " .. os.getenv("PIDFILE") .. "; exec sleep 30" }
+end
+]])
+    local pidfile = H.tmpdir() .. "/pid"
+    local proc = H.start(nil, { "try", path, "first", "second" },
+      { env = { [H.RECORD_ENV] = rec, PIDFILE = pidfile } })
+    local pid = H.wait_until(function()
+      local text = H.read_file(pidfile)
+      return text and text:match("%d+")
+    end, 10, "the child's pid")
+    proc:signal("TERM")
+    assert.equal(75, proc:wait(5))
+    assert.matches("try-1: interrupted", proc:log(), 1, true)
+    assert.is_nil(proc:log():find("try-2", 1, true))
+    local r = H.records(rec)
+    assert.same({ "start", "closed" }, { r[1][1], r[2][1] })
+    H.wait_until(function() return not os.execute("kill -0 " .. pid .. " 2>/dev/null") end, 5,
+      "the child gone")
+  end)
 end)
 
 describe("warren --help and --version", function()

@@ -1,11 +1,13 @@
 #include "warren/try.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/spawn.h"
 #include "warren/vm.h"
 
 int wr_check(const wr_config *cfg) {
@@ -23,7 +25,20 @@ int wr_check(const wr_config *cfg) {
 typedef struct trial {
     int done;
     wr_outcome outcome;
+    wr_sched *sched;
+    bool stopped; /* a signal interrupted the job: run no more bodies */
+    ev_signal sigint, sigterm;
 } trial;
+
+/* While a job runs, SIGINT or SIGTERM interrupts it as the forced stage of
+ * the worker would: its <close> variables run and its children are ended.
+ * Between jobs the signals keep their default action. */
+static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
+    (void)loop, (void)revents;
+    trial *t = w->data;
+    t->stopped = true;
+    wr_sched_interrupt_all(t->sched);
+}
 
 static void on_done(void *ud, wr_job *job, wr_outcome outcome) {
     (void)job;
@@ -73,8 +88,12 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
         wr_delivery_release(a, d);
         return 0;
     }
+    ev_signal_start(loop, &t->sigint);
+    ev_signal_start(loop, &t->sigterm);
     while (!t->done)
         ev_run(loop, EVRUN_ONCE);
+    ev_signal_stop(loop, &t->sigint);
+    ev_signal_stop(loop, &t->sigterm);
     printf("%s: %s\n", id, name(t->outcome));
     fflush(stdout);
     t->done = 0;
@@ -93,18 +112,22 @@ int wr_try(const wr_config *cfg) {
         wr_sched_free(s);
         return WR_EXIT_CONFIG;
     }
+    t.sched = s;
+    ev_signal_init(&t.sigint, signal_cb, SIGINT);
+    ev_signal_init(&t.sigterm, signal_cb, SIGTERM);
+    t.sigint.data = t.sigterm.data = &t;
     wr_assembler a;
     wr_assembler_init(&a, 1);
     int all_acked = 1;
     long n = 0;
     if (cfg->nbodies > 0) {
-        for (int i = 0; i < cfg->nbodies; i++)
+        for (int i = 0; i < cfg->nbodies && !t.stopped; i++)
             all_acked &= run_one(loop, s, &t, vm, &a, ++n, cfg->bodies[i], strlen(cfg->bodies[i]));
     } else {
         char *line = NULL;
         size_t cap = 0;
         ssize_t len;
-        while ((len = getline(&line, &cap, stdin)) >= 0) {
+        while (!t.stopped && (len = getline(&line, &cap, stdin)) >= 0) {
             if (len > 0 && line[len - 1] == '\n') len--;
             all_acked &= run_one(loop, s, &t, vm, &a, ++n, line, (size_t)len);
         }
@@ -113,5 +136,7 @@ int wr_try(const wr_config *cfg) {
     wr_assembler_free(&a);
     wr_vm_unref(vm);
     wr_sched_free(s);
+    wr_spawn_shutdown();
+    if (t.stopped) return WR_EXIT_TEMPFAIL;
     return all_acked ? 0 : 1;
 }

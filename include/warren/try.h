@@ -10,8 +10,10 @@ int wr_check(const wr_config *cfg);
 
 /* Runs handle on each body of cfg (or each line of stdin when there are
  * none), one after another with the real sleep and logging, and prints one
- * outcome line per body on stdout. Returns 0 when every body was acked, 1
- * when any was not, WR_EXIT_CONFIG when the script does not load. */
+ * outcome line per body on stdout. SIGINT or SIGTERM interrupts the running
+ * job and stops. Returns 0 when every body was acked, 1 when any was not,
+ * WR_EXIT_TEMPFAIL when a signal interrupted a job, WR_EXIT_CONFIG when the
+ * script does not load. */
 int wr_try(const wr_config *cfg);
 
 #endif
