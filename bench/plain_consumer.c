@@ -21,57 +21,15 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <amqp.h>
-#include <amqp_tcp_socket.h>
+#include "bench_amqp.h"
 
-#include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/resource.h>
 #include <time.h>
-
-#define CHANNEL 1
-
-static void die(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("plain_consumer: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(1);
-}
-
-static void check_reply(amqp_rpc_reply_t r, const char *what) {
-    switch (r.reply_type) {
-    case AMQP_RESPONSE_NORMAL:
-        return;
-    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-        die("%s: %s", what, amqp_error_string2(r.library_error));
-        break;
-    case AMQP_RESPONSE_SERVER_EXCEPTION:
-        die("%s: refused by the broker (method 0x%08x)", what, r.reply.id);
-        break;
-    default:
-        die("%s: no reply", what);
-    }
-}
 
 static double clock_seconds(clockid_t id) {
     struct timespec ts;
     clock_gettime(id, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static long parse_long(const char *opt, const char *text, long min, long max) {
-    char *end;
-    errno = 0;
-    long v = strtol(text, &end, 10);
-    if (errno || end == text || *end || v < min || v > max)
-        die("%s needs an integer in %ld..%ld, got '%s'", opt, min, max, text);
-    return v;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -88,6 +46,7 @@ static double percentile(const double *sorted, size_t n, double q) {
 }
 
 int main(int argc, char **argv) {
+    bench_name = "plain_consumer";
     const char *url = NULL, *queue = NULL;
     long prefetch = 1, count = -1;
     int latency = 0;
@@ -113,21 +72,7 @@ int main(int argc, char **argv) {
     if (!url || !queue || count < 1)
         die("usage: plain_consumer --url URL --queue NAME --prefetch N --count N [--latency]");
 
-    char *copy = strdup(url);
-    struct amqp_connection_info ci;
-    if (!copy || amqp_parse_url(copy, &ci) != AMQP_STATUS_OK) die("cannot parse URL '%s'", url);
-    if (!ci.vhost[0]) ci.vhost = "/";
-    amqp_connection_state_t conn = amqp_new_connection();
-    amqp_socket_t *sock = amqp_tcp_socket_new(conn);
-    if (!sock) die("cannot create a socket");
-    int rc = amqp_socket_open(sock, ci.host, ci.port);
-    if (rc != AMQP_STATUS_OK) die("connect %s:%d: %s", ci.host, ci.port, amqp_error_string2(rc));
-    /* Same frame size as warren, and no heartbeat: this consumer blocks in the library. */
-    check_reply(
-        amqp_login(conn, ci.vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, ci.user, ci.password),
-        "login");
-    amqp_channel_open(conn, CHANNEL);
-    check_reply(amqp_get_rpc_reply(conn), "channel.open");
+    amqp_connection_state_t conn = bench_connect(url);
     amqp_basic_qos(conn, CHANNEL, 0, (uint16_t)prefetch, 0);
     check_reply(amqp_get_rpc_reply(conn), "basic.qos");
     amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0,
@@ -151,7 +96,7 @@ int main(int argc, char **argv) {
             text[len] = '\0';
             lat[n] = clock_seconds(CLOCK_REALTIME) - strtod(text, NULL);
         }
-        rc = amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0);
+        int rc = amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0);
         if (rc != AMQP_STATUS_OK) die("basic.ack: %s", amqp_error_string2(rc));
         amqp_destroy_envelope(&env);
         amqp_maybe_release_buffers(conn);
@@ -162,7 +107,6 @@ int main(int argc, char **argv) {
     check_reply(amqp_channel_close(conn, CHANNEL, AMQP_REPLY_SUCCESS), "channel.close");
     check_reply(amqp_connection_close(conn, AMQP_REPLY_SUCCESS), "connection.close");
     amqp_destroy_connection(conn);
-    free(copy);
 
     if (lat) {
         qsort(lat, (size_t)count, sizeof *lat, cmp_double);
