@@ -25,7 +25,6 @@ struct wr_broker {
     amqp_connection_state_t conn;
     size_t url_index; /* the URL to try first */
     char where[256];
-    unsigned generation;
     bool dead; /* lost: waiting for the host to close it */
     char why[256];
     amqp_bytes_t consumer_tag;
@@ -64,9 +63,6 @@ wr_broker *wr_broker_new(struct ev_loop *loop, const wr_config *cfg, const wr_br
 
 bool wr_broker_connected(const wr_broker *b) {
     return b->conn && !b->dead;
-}
-unsigned wr_broker_generation(const wr_broker *b) {
-    return b->generation;
 }
 const char *wr_broker_where(const wr_broker *b) {
     return b->where;
@@ -252,7 +248,6 @@ static void dispatch(wr_broker *b, const amqp_frame_t *f) {
             /* Its bytes are copied out: rabbitmq-c may reuse the channel's
              * pool pages now rather than keep every page a burst needed. */
             amqp_maybe_release_buffers_on_channel(b->conn, CHANNEL);
-            d->generation = b->generation;
             track(b, d);
             b->ev.delivery(b->ud, d);
             return;
@@ -323,9 +318,8 @@ static void destroy(wr_broker *b) {
 }
 
 /* Opens channel 1 and applies qos. Delivery tags belong to one channel
- * instance, so each opening starts a new generation. */
+ * instance: deliveries of an earlier opening can no longer be settled. */
 static wr_broker_status open_channel(wr_broker *b, char *err, size_t errlen) {
-    b->generation++;
     untrack_all(b);
     amqp_channel_open(b->conn, CHANNEL);
     wr_broker_status st =
@@ -470,7 +464,7 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen) {
 }
 
 int wr_broker_settle(wr_broker *b, wr_delivery *d, wr_settle how) {
-    if (!wr_broker_connected(b) || d->generation != b->generation || !d->unsettled) return -1;
+    if (!wr_broker_connected(b) || !d->unsettled) return -1;
     untrack(b, d);
     if (how == WR_SETTLE_ACK) {
         if (b->nacks == b->acks_cap) {

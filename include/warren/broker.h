@@ -48,18 +48,14 @@ wr_broker_status wr_broker_connect(wr_broker *b, char *err, size_t errlen);
 
 bool wr_broker_connected(const wr_broker *b);
 
-/* Increases every time the consuming channel opens; deliveries carry the
- * value they arrived with, and one of an older generation cannot be settled
- * (its tag died with its channel). */
-unsigned wr_broker_generation(const wr_broker *b);
-
 /* The URL in use, without the password, for logs. */
 const char *wr_broker_where(const wr_broker *b);
 
-/* Settles a delivery of the current generation. A nack or reject is sent at
+/* Settles a delivery of the channel as it is open now. A nack or reject is sent at
  * once; acks wait for the end of the loop turn, when every ack below the
  * oldest unsettled delivery goes out as one multiple ack. Returns 0, or -1
- * when the delivery is stale or the write failed (lost is then reported). */
+ * when the delivery came on an earlier channel or connection (its tag died
+ * with it), or the write failed (lost is then reported). */
 int wr_broker_settle(wr_broker *b, wr_delivery *d, wr_settle how);
 
 /* The publisher on this broker's connections (never NULL). */

@@ -12,7 +12,6 @@
 typedef struct wr_delivery {
     uint64_t tag;
     bool redelivered;
-    unsigned generation; /* connection it arrived on; set by the broker module */
     amqp_bytes_t exchange;
     amqp_bytes_t routing_key;
     amqp_basic_properties_t props; /* strings and headers live in pool */
