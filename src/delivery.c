@@ -58,7 +58,7 @@ void wr_delivery_release(wr_assembler *a, wr_delivery *d) {
     a->nfree++;
 }
 
-static int dup_bytes(amqp_pool_t *pool, amqp_bytes_t *b) {
+int wr_bytes_copy(amqp_pool_t *pool, amqp_bytes_t *b) {
     if (b->len == 0) {
         b->bytes = NULL;
         return 0;
@@ -70,10 +70,8 @@ static int dup_bytes(amqp_pool_t *pool, amqp_bytes_t *b) {
     return 0;
 }
 
-/* Deep-copies the properties into the delivery's pool. Only the fields
- * whose flag is set are copied: rabbitmq-c leaves the others uninitialised. */
-static int copy_props(wr_delivery *d, const amqp_basic_properties_t *src) {
-    amqp_basic_properties_t *p = &d->props;
+int wr_props_copy(amqp_basic_properties_t *p, const amqp_basic_properties_t *src,
+                  amqp_pool_t *pool) {
     memset(p, 0, sizeof *p);
     p->_flags = src->_flags;
     static const struct {
@@ -95,13 +93,13 @@ static int copy_props(wr_delivery *d, const amqp_basic_properties_t *src) {
         if (!(src->_flags & strings[i].flag)) continue;
         amqp_bytes_t *to = (amqp_bytes_t *)((char *)p + strings[i].offset);
         *to = *(const amqp_bytes_t *)((const char *)src + strings[i].offset);
-        if (dup_bytes(&d->pool, to)) return -1;
+        if (wr_bytes_copy(pool, to)) return -1;
     }
     if (src->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) p->delivery_mode = src->delivery_mode;
     if (src->_flags & AMQP_BASIC_PRIORITY_FLAG) p->priority = src->priority;
     if (src->_flags & AMQP_BASIC_TIMESTAMP_FLAG) p->timestamp = src->timestamp;
     if ((src->_flags & AMQP_BASIC_HEADERS_FLAG) &&
-        amqp_table_clone(&src->headers, &p->headers, &d->pool) != AMQP_STATUS_OK)
+        amqp_table_clone(&src->headers, &p->headers, pool) != AMQP_STATUS_OK)
         return -1;
     return 0;
 }
@@ -122,8 +120,9 @@ int wr_assembler_feed(wr_assembler *a, const amqp_frame_t *f, wr_delivery **out)
     *out = NULL;
     switch (f->frame_type) {
     case AMQP_FRAME_METHOD: {
+        /* A method in the middle of a delivery's content breaks the protocol. */
+        if (a->cur) return drop(a);
         if (f->payload.method.id != AMQP_BASIC_DELIVER_METHOD) return WR_FRAME_IGNORED;
-        if (a->cur) drop(a); /* a deliver in the middle of another: broker bug */
         const amqp_basic_deliver_t *m = f->payload.method.decoded;
         wr_delivery *d = take(a);
         if (!d) return WR_FRAME_ERROR;
@@ -132,7 +131,7 @@ int wr_assembler_feed(wr_assembler *a, const amqp_frame_t *f, wr_delivery **out)
         d->redelivered = m->redelivered;
         d->exchange = m->exchange;
         d->routing_key = m->routing_key;
-        if (dup_bytes(&d->pool, &d->exchange) || dup_bytes(&d->pool, &d->routing_key))
+        if (wr_bytes_copy(&d->pool, &d->exchange) || wr_bytes_copy(&d->pool, &d->routing_key))
             return drop(a);
         return WR_FRAME_PART;
     }
@@ -140,7 +139,7 @@ int wr_assembler_feed(wr_assembler *a, const amqp_frame_t *f, wr_delivery **out)
         if (!a->cur || a->cur->body.bytes) return drop(a);
         wr_delivery *d = a->cur;
         const amqp_basic_properties_t *props = f->payload.properties.decoded;
-        if (copy_props(d, props)) return drop(a);
+        if (wr_props_copy(&d->props, props, &d->pool)) return drop(a);
         uint64_t size = f->payload.properties.body_size;
         if (size > SIZE_MAX - 1) return drop(a);
         /* One byte more so that an empty body still has a buffer: a non-NULL

@@ -14,14 +14,13 @@
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 30.0
 #define CLOSE_TIMEOUT 2.0
-#define FORCED_CLOSE_TIMEOUT 0.5
 /* Editors save in several steps (write, rename): one reload per burst. */
 #define RELOAD_SETTLE 0.2
 /* How far file timestamps (the kernel's coarse clock) may lag ev_time(). */
 #define FILE_CLOCK_LAG 0.02
 #define MAX_WATCHES 32
 
-typedef enum { CONNECTING, RUNNING, DRAINING, STOPPED } host_state;
+typedef enum { CONNECTING, RUNNING, DRAINING, CLOSING, STOPPED } host_state;
 
 typedef struct host {
     const wr_config *cfg;
@@ -68,23 +67,46 @@ static void schedule_retry(host *h) {
 }
 
 static void try_connect(host *h) {
-    char err[512];
-    wr_broker_status st = wr_broker_connect(h->broker, err, sizeof err);
-    if (st == WR_BROKER_OK) {
-        if (h->ever_connected)
-            wr_info("reconnected to %s after %u attempts (%.1f s); consuming '%s' again",
-                    wr_broker_where(h->broker), h->attempts + 1, ev_now(h->loop) - h->outage_since,
-                    h->cfg->queue);
-        else
-            wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
-                    wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script, h->vm->version);
-        h->ever_connected = true;
+    double timeout = 0;
+    if (!h->ever_connected && h->cfg->connect_timeout > 0) {
+        ev_now_update(h->loop);
+        timeout = h->cfg->connect_timeout - (ev_now(h->loop) - h->outage_since);
+        if (timeout < 0.01) timeout = 0.01;
+    }
+    wr_broker_connect(h->broker, timeout);
+}
+
+static void on_consuming(void *ud) {
+    host *h = ud;
+    if (h->state == RUNNING) {
+        wr_info("consuming '%s' again", h->cfg->queue);
         h->consuming = true;
-        h->state = RUNNING;
-        h->attempts = 0;
         h->backoff = BACKOFF_MIN;
         return;
     }
+    if (h->ever_connected)
+        wr_info("reconnected to %s after %u attempts (%.1f s); consuming '%s' again",
+                wr_broker_where(h->broker), h->attempts + 1, ev_now(h->loop) - h->outage_since,
+                h->cfg->queue);
+    else
+        wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
+                wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script, h->vm->version);
+    h->ever_connected = true;
+    h->consuming = true;
+    h->state = RUNNING;
+    h->attempts = 0;
+    h->backoff = BACKOFF_MIN;
+}
+
+static void on_failed(void *ud, wr_broker_status st, const char *err) {
+    host *h = ud;
+    if (h->state == RUNNING) {
+        /* A re-consume after a cancel: the queue is not back yet. */
+        wr_debug("re-consuming: %s", err);
+        schedule_retry(h);
+        return;
+    }
+    if (h->state != CONNECTING) return;
     if (!h->ever_connected) {
         if (st == WR_BROKER_REFUSED) {
             wr_error("%s", err);
@@ -97,7 +119,7 @@ static void try_connect(host *h) {
             return;
         }
         double waited = ev_now(h->loop) - h->outage_since;
-        if (h->cfg->connect_timeout > 0 && waited >= h->cfg->connect_timeout) {
+        if (h->cfg->connect_timeout > 0 && waited >= h->cfg->connect_timeout - 0.01) {
             wr_error("broker unreachable: %s (gave up after %.1f s; see --connect-timeout)", err,
                      waited);
             stop(h, WR_EXIT_UNAVAILABLE);
@@ -122,21 +144,10 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     if (h->state != RUNNING || h->consuming) return;
     /* Jobs still running hold tags of this channel; a failed re-consume
      * closes it. Let them finish first, as a cancel promises. */
-    if (wr_sched_running(h->sched) > 0) {
+    if (wr_sched_running(h->sched) > 0 || wr_broker_consume(h->broker)) {
         ev_timer_set(&h->retry_timer, BACKOFF_MIN, 0);
         ev_timer_start(loop, &h->retry_timer);
-        return;
     }
-    char err[512];
-    if (wr_broker_consume(h->broker, err, sizeof err) == WR_BROKER_OK) {
-        wr_info("consuming '%s' again", h->cfg->queue);
-        h->consuming = true;
-        h->backoff = BACKOFF_MIN;
-        return;
-    }
-    if (!wr_broker_connected(h->broker)) return; /* lost: the lost event takes over */
-    wr_debug("re-consuming: %s", err);
-    schedule_retry(h);
 }
 
 static void on_delivery(void *ud, wr_delivery *d) {
@@ -166,9 +177,10 @@ static void on_lost(void *ud, const char *why) {
     wr_warn("connection lost: %s; %zu jobs in flight are interrupted and will be redelivered", why,
             n);
     wr_sched_interrupt_all(h->sched);
-    wr_broker_close(h->broker, 0);
-    if (h->state == DRAINING) {
-        stop(h, n ? WR_EXIT_TEMPFAIL : WR_EXIT_OK);
+    wr_broker_abort(h->broker);
+    if (h->state == DRAINING || h->state == CLOSING) {
+        /* Whether the acks sent so far were processed cannot be known. */
+        stop(h, WR_EXIT_TEMPFAIL);
         return;
     }
     h->state = CONNECTING;
@@ -218,7 +230,24 @@ static void stop_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     host *h = w->data;
     if (h->state != DRAINING || wr_sched_running(h->sched)) return;
     wr_info("drained: all jobs finished; closing the connection");
-    wr_broker_close(h->broker, CLOSE_TIMEOUT);
+    if (wr_broker_close(h->broker, CLOSE_TIMEOUT)) {
+        wr_warn("not connected: the last acks may not have reached the broker");
+        stop(h, WR_EXIT_TEMPFAIL);
+        return;
+    }
+    h->state = CLOSING;
+}
+
+static void on_closed(void *ud, bool clean) {
+    host *h = ud;
+    if (h->state != CLOSING) return;
+    if (!clean) {
+        wr_warn("the broker did not confirm the close within %g s: the last acks may not have "
+                "reached it; exiting with %d",
+                CLOSE_TIMEOUT, WR_EXIT_TEMPFAIL);
+        stop(h, WR_EXIT_TEMPFAIL);
+        return;
+    }
     stop(h, WR_EXIT_OK);
 }
 
@@ -228,7 +257,7 @@ static void force(host *h, const char *reason) {
     unsigned before = h->interrupted;
     wr_sched_interrupt_all(h->sched);
     wr_warn("handed back %u messages; exiting", h->interrupted - before);
-    wr_broker_close(h->broker, FORCED_CLOSE_TIMEOUT);
+    wr_broker_abort(h->broker);
     stop(h, WR_EXIT_TEMPFAIL);
 }
 
@@ -267,7 +296,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     (void)loop, (void)revents;
     host *h = w->data;
     const char *name = w->signum == SIGINT ? "SIGINT" : "SIGTERM";
-    if (h->state == DRAINING) {
+    if (h->state == DRAINING || h->state == CLOSING) {
         char reason[64];
         snprintf(reason, sizeof reason, "second signal, %s", name);
         force(h, reason);
@@ -377,7 +406,8 @@ int wr_host_run(const wr_config *cfg) {
         return WR_EXIT_UNAVAILABLE;
     }
     h->sched = wr_sched_new(h->loop, on_job_done, h);
-    static const wr_broker_events events = {on_delivery, on_cancelled, on_lost};
+    static const wr_broker_events events = {on_consuming, on_failed, on_delivery,
+                                            on_cancelled, on_lost,   on_closed};
     h->broker = h->sched ? wr_broker_new(h->loop, cfg, &events, h) : NULL;
     if (!h->broker) {
         wr_error("out of memory");

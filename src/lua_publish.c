@@ -20,8 +20,8 @@
 typedef struct confirm_wait {
     wr_job *job;
     wr_publisher *pub;
-    uint64_t seq;
-    bool retry; /* the original is acked on confirm, requeued on failure */
+    uint64_t id; /* the publisher's handle */
+    bool retry;  /* the original is acked on confirm, requeued on failure */
 } confirm_wait;
 
 static void confirmed(void *ctx, const char *err) {
@@ -42,7 +42,7 @@ static void confirmed(void *ctx, const char *err) {
 static void cancel_wait(wr_job *j, void *data) {
     (void)j;
     confirm_wait *w = data;
-    wr_publisher_forget(w->pub, w->seq);
+    wr_publisher_forget(w->pub, w->id);
     free(w);
 }
 
@@ -64,16 +64,16 @@ static amqp_pool_t *new_pool(lua_State *L) {
     return pool;
 }
 
-/* Sends m and yields until the broker answers; returns nil, err at once
- * when it cannot be sent. rabbitmq-c has copied the frames once send
- * returns, so the pool is emptied before yielding. */
+/* Queues m and yields until the broker answers; returns nil, err at once
+ * when it cannot be published. The publisher keeps a copy, so the pool is
+ * emptied before yielding. */
 static int send_and_wait(lua_State *L, wr_job *j, wr_publisher *pub, const wr_message *m,
                          amqp_pool_t *pool, bool retry) {
     char err[300] = "out of memory";
     confirm_wait *w = calloc(1, sizeof *w);
-    uint64_t seq = w ? wr_publisher_send(pub, m, confirmed, w, err, sizeof err) : 0;
+    uint64_t id = w ? wr_publisher_send(pub, m, confirmed, w, err, sizeof err) : 0;
     empty_amqp_pool(pool);
-    if (!seq) {
+    if (!id) {
         free(w);
         if (retry) wr_job_decide(j, WR_OUT_REQUEUE);
         lua_pushnil(L);
@@ -82,7 +82,7 @@ static int send_and_wait(lua_State *L, wr_job *j, wr_publisher *pub, const wr_me
     }
     w->job = j;
     w->pub = pub;
-    w->seq = seq;
+    w->id = id;
     w->retry = retry;
     wr_job_wait(j, WR_WAIT_CONFIRM, cancel_wait, w);
     return lua_yield(L, 0);
@@ -327,20 +327,14 @@ static int l_retry(lua_State *L) {
     }
     long ms = lround(seconds * 1000);
     const char *queue = lua_pushfstring(L, "%s.retry.%d", cfg->queue, (int)ms);
-    char err[300];
-    if (wr_publisher_delay_queue(pub, queue, ms, cfg->queue, err, sizeof err)) {
-        wr_job_decide(j, WR_OUT_REQUEUE);
-        lua_pushnil(L);
-        lua_pushstring(L, err);
-        return 2;
-    }
     /* The copy: same body and properties, headers with the count raised. */
     amqp_pool_t *pool = new_pool(L);
-    wr_message m = {.exchange = amqp_empty_bytes,
-                    .routing_key = amqp_cstring_bytes(queue),
-                    .body = d->body,
+    wr_message m = {.body = d->body,
                     .props = d->props,
-                    .mandatory = true};
+                    .mandatory = true,
+                    .delay_queue = queue,
+                    .delay_ms = ms,
+                    .delay_target = cfg->queue};
     const amqp_table_t *old = &d->props.headers;
     amqp_table_entry_t *entries =
         amqp_pool_alloc(pool, (size_t)(old->num_entries + 1) * sizeof *entries);

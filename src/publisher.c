@@ -4,270 +4,545 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "warren/delivery.h"
 #include "warren/log.h"
+#include "warren/wire.h"
 
-#define CHANNEL 2
-#define MAX_DELAY_QUEUES 64
+#define PUBLISH 1 /* channel: publishes in confirm mode */
+#define PROBE 2   /* channel: checks and declares before publishing */
+#define CONNECT_SECONDS 5.0
 
-typedef struct pending {
-    uint64_t seq;
+/* Something publishes need first: an exchange that exists, or a declared
+ * delay queue. Known for the life of one connection. */
+typedef struct need {
+    bool queue; /* a delay queue to declare, else an exchange to check */
+    char *name;
+    long ttl_ms;
+    char *target;
+    enum { NEED_NEW, NEED_ASKED, NEED_MET } state;
+    struct need *next;
+} need;
+
+typedef struct msg {
+    uint64_t id;  /* the caller's handle */
+    uint64_t seq; /* the channel's sequence number once written, else 0 */
     wr_confirm_fn cb;
-    void *ctx;
-    amqp_bytes_t message_id; /* owned copy, to match a basic.return */
-    char *returned;          /* why the broker returned it, or NULL */
-    struct pending *next;
-} pending;
+    void *ctx; /* cb is NULL once forgotten */
+    amqp_pool_t pool;
+    amqp_bytes_t exchange, routing_key, body;
+    amqp_basic_properties_t props;
+    bool mandatory;
+    need *need;
+    char *returned; /* why the broker returned it */
+    struct msg *next;
+} msg;
+
+typedef enum { P_DOWN, P_CONNECTING, P_OPENING, P_SELECTING, P_READY } pub_state;
 
 struct wr_publisher {
-    amqp_connection_state_t conn;
-    bool open;         /* channel open and in confirm mode */
-    uint64_t next_seq; /* sequence number of the next publish */
-    pending *head, *tail;
-    /* A basic.return is followed by its content: the header names the
-     * message, the body is skipped. */
-    char *return_text;
-    uint64_t return_body_left;
+    struct ev_loop *loop;
+    wr_wire *wire;
+    pub_state state;
+    bool probe_open, probe_busy;
+    char *url, *user;
+    int heartbeat;
+    uint64_t next_id, next_seq;
+    msg *queued, *queued_tail;     /* not written yet */
+    msg *inflight, *inflight_tail; /* written, waiting for the confirm, by seq */
+    need *needs;
+    /* A basic.return and its content, matched once the body is complete. */
     bool in_return;
-    char *delays[MAX_DELAY_QUEUES]; /* delay queues declared on this connection */
-    size_t ndelays;
+    char return_text[256];
+    amqp_bytes_t ret_exchange, ret_key, ret_id, ret_body;
+    bool ret_has_id;
+    size_t ret_got;
 };
 
-wr_publisher *wr_publisher_new(void) {
-    return calloc(1, sizeof(wr_publisher));
-}
+static void wire_ready(void *ud);
+static void wire_frame(void *ud, const amqp_frame_t *f);
+static void wire_closed(void *ud, wr_broker_status st, const char *why);
 
-static void free_pending(pending *e) {
-    amqp_bytes_free(e->message_id);
-    free(e->returned);
-    free(e);
-}
-
-static void reset(wr_publisher *p) {
-    while (p->head) {
-        pending *e = p->head;
-        p->head = e->next;
-        free_pending(e);
+wr_publisher *wr_publisher_new(struct ev_loop *loop) {
+    wr_publisher *p = calloc(1, sizeof *p);
+    static const wr_wire_events wev = {wire_ready, wire_frame, wire_closed};
+    if (!p || !(p->wire = wr_wire_new(loop, &wev, p))) {
+        free(p);
+        return NULL;
     }
-    p->tail = NULL;
-    free(p->return_text);
-    p->return_text = NULL;
+    p->loop = loop;
+    return p;
+}
+
+static void free_msg(msg *m) {
+    empty_amqp_pool(&m->pool);
+    free(m->body.bytes);
+    free(m->returned);
+    free(m);
+}
+
+static void free_needs(wr_publisher *p) {
+    while (p->needs) {
+        need *n = p->needs;
+        p->needs = n->next;
+        free(n->name);
+        free(n->target);
+        free(n);
+    }
+}
+
+static void clear_return(wr_publisher *p) {
+    amqp_bytes_free(p->ret_exchange);
+    amqp_bytes_free(p->ret_key);
+    amqp_bytes_free(p->ret_id);
+    free(p->ret_body.bytes);
+    p->ret_exchange = p->ret_key = p->ret_id = p->ret_body = amqp_empty_bytes;
     p->in_return = false;
-    p->return_body_left = 0;
-    for (size_t i = 0; i < p->ndelays; i++)
-        free(p->delays[i]);
-    p->ndelays = 0;
-    p->open = false;
+    p->ret_got = 0;
+}
+
+/* Completes the messages of list (unlinked already), oldest first: a
+ * callback resumes a job that may publish again. */
+static void complete(msg *list, const char *err) {
+    while (list) {
+        msg *m = list;
+        list = m->next;
+        char text[300];
+        const char *why = err;
+        if (!why && m->returned) {
+            snprintf(text, sizeof text, "returned by the broker: %s", m->returned);
+            why = text;
+        }
+        if (m->cb) m->cb(m->ctx, why);
+        free_msg(m);
+    }
+}
+
+/* The connection is over: every publish fails with why (none when
+ * silent, for an abort). */
+static void fail_all(wr_publisher *p, const char *why, bool silent) {
+    msg *list = p->inflight;
+    if (list)
+        p->inflight_tail->next = p->queued;
+    else
+        list = p->queued;
+    p->inflight = p->inflight_tail = p->queued = p->queued_tail = NULL;
+    free_needs(p);
+    clear_return(p);
+    p->state = P_DOWN;
+    p->probe_open = p->probe_busy = false;
+    if (silent)
+        for (msg *m = list; m; m = m->next)
+            m->cb = NULL;
+    complete(list, why);
+}
+
+void wr_publisher_abort(wr_publisher *p) {
+    wr_wire_abort(p->wire);
+    fail_all(p, NULL, true);
 }
 
 void wr_publisher_free(wr_publisher *p) {
     if (!p) return;
-    reset(p);
+    wr_publisher_abort(p);
+    wr_wire_free(p->wire);
+    free(p->url);
+    free(p->user);
     free(p);
 }
 
-void wr_publisher_bind(wr_publisher *p, amqp_connection_state_t conn) {
-    reset(p);
-    p->conn = conn;
+void wr_publisher_keepalive(wr_publisher *p) {
+    wr_wire_keepalive(p->wire);
 }
 
-/* Completes every pending publish up to seq (or only seq), oldest first.
- * They are unlinked before any callback runs, since a callback resumes a
- * job that may publish again. */
-static void settle(wr_publisher *p, uint64_t seq, bool multiple, const char *err) {
-    pending *done = NULL, **done_tail = &done;
-    pending **link = &p->head, *prev = NULL;
-    while (*link && (*link)->seq <= seq) {
-        pending *e = *link;
-        if (!multiple && e->seq != seq) {
-            prev = e;
-            link = &e->next;
-            continue;
-        }
-        *link = e->next;
-        if (p->tail == e) p->tail = prev;
-        e->next = NULL;
-        *done_tail = e;
-        done_tail = &e->next;
+void wr_publisher_target(wr_publisher *p, const char *url, int heartbeat) {
+    if (p->url && !strcmp(p->url, url)) return;
+    if (p->state != P_DOWN) {
+        wr_wire_abort(p->wire);
+        fail_all(p, "the consumer moved to another broker node", false);
     }
-    while (done) {
-        pending *e = done;
-        done = e->next;
-        char text[300];
-        const char *why = err;
-        if (!why && e->returned) {
-            snprintf(text, sizeof text, "returned by the broker: %s", e->returned);
-            why = text;
-        }
-        e->cb(e->ctx, why);
-        free_pending(e);
+    free(p->url);
+    free(p->user);
+    p->url = strdup(url);
+    p->user = NULL;
+    p->heartbeat = heartbeat;
+    char *copy = strdup(url);
+    struct amqp_connection_info info;
+    if (copy && amqp_parse_url(copy, &info) == AMQP_STATUS_OK) p->user = strdup(info.user);
+    free(copy);
+}
+
+static need *find_need(wr_publisher *p, bool queue, const char *name) {
+    for (need *n = p->needs; n; n = n->next)
+        if (n->queue == queue && !strcmp(n->name, name)) return n;
+    need *n = calloc(1, sizeof *n);
+    if (!n || !(n->name = strdup(name))) {
+        free(n);
+        return NULL;
     }
+    n->queue = queue;
+    n->next = p->needs;
+    p->needs = n;
+    return n;
 }
 
-/* The channel closed with an error: every pending publish fails with it. */
-static void fail_all(wr_publisher *p, const char *why) {
-    p->open = false;
-    settle(p, UINT64_MAX, true, why);
-}
-
-static void note_return(wr_publisher *p, const amqp_basic_properties_t *props) {
-    if (!(props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)) return;
-    amqp_bytes_t id = props->message_id;
-    for (pending *e = p->head; e; e = e->next) {
-        if (!e->returned && e->message_id.len == id.len &&
-            memcmp(e->message_id.bytes, id.bytes, id.len) == 0) {
-            e->returned = p->return_text;
-            p->return_text = NULL;
+/* Asks channel 2 about the first need not asked yet; one at a time. */
+static void ask(wr_publisher *p) {
+    if (!p->probe_open || p->probe_busy) return;
+    for (need *n = p->needs; n; n = n->next) {
+        if (n->state != NEED_NEW) continue;
+        n->state = NEED_ASKED;
+        p->probe_busy = true;
+        if (!n->queue) {
+            amqp_exchange_declare_t m = {.exchange = amqp_cstring_bytes(n->name),
+                                         .passive = 1,
+                                         .arguments = amqp_empty_table};
+            wr_wire_method(p->wire, PROBE, AMQP_EXCHANGE_DECLARE_METHOD, &m);
             return;
         }
-    }
-}
-
-int wr_publisher_frame(wr_publisher *p, const amqp_frame_t *f) {
-    if (f->frame_type == AMQP_FRAME_HEADER && p->in_return) {
-        note_return(p, f->payload.properties.decoded);
-        p->return_body_left = f->payload.properties.body_size;
-        p->in_return = p->return_body_left > 0;
-        return 0;
-    }
-    if (f->frame_type == AMQP_FRAME_BODY && p->in_return) {
-        uint64_t n = f->payload.body_fragment.len;
-        p->return_body_left -= n < p->return_body_left ? n : p->return_body_left;
-        p->in_return = p->return_body_left > 0;
-        return 0;
-    }
-    if (f->frame_type != AMQP_FRAME_METHOD) return 0;
-    switch (f->payload.method.id) {
-    case AMQP_BASIC_ACK_METHOD: {
-        const amqp_basic_ack_t *m = f->payload.method.decoded;
-        settle(p, m->delivery_tag, m->multiple, NULL);
-        break;
-    }
-    case AMQP_BASIC_NACK_METHOD: {
-        const amqp_basic_nack_t *m = f->payload.method.decoded;
-        settle(p, m->delivery_tag, m->multiple, "rejected by the broker (nack)");
-        break;
-    }
-    case AMQP_BASIC_RETURN_METHOD: {
-        const amqp_basic_return_t *m = f->payload.method.decoded;
-        char text[256];
-        snprintf(text, sizeof text, "%u %.*s", m->reply_code, (int)m->reply_text.len,
-                 (char *)m->reply_text.bytes);
-        free(p->return_text);
-        p->return_text = strdup(text);
-        p->in_return = true;
-        break;
-    }
-    case AMQP_CHANNEL_CLOSE_METHOD: {
-        const amqp_channel_close_t *m = f->payload.method.decoded;
-        char why[300];
-        snprintf(why, sizeof why, "channel closed by the broker: %.*s", (int)m->reply_text.len,
-                 (char *)m->reply_text.bytes);
-        amqp_channel_close_ok_t ok = {0};
-        int rc = amqp_send_method(p->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-        wr_warn("publishing %s", why);
-        fail_all(p, why);
-        return rc == AMQP_STATUS_OK ? 0 : -1;
-    }
-    default:
-        break;
-    }
-    return 0;
-}
-
-/* Reads the reply of a synchronous call on the channel into err. */
-static int check(wr_publisher *p, const char *what, char *err, size_t errlen) {
-    amqp_rpc_reply_t r = amqp_get_rpc_reply(p->conn);
-    if (r.reply_type == AMQP_RESPONSE_NORMAL) return 0;
-    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-        const amqp_channel_close_t *m = r.reply.decoded;
-        snprintf(err, errlen, "%s: %.*s", what, (int)m->reply_text.len,
-                 (char *)m->reply_text.bytes);
-        amqp_channel_close_ok_t ok = {0};
-        amqp_send_method(p->conn, CHANNEL, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-        fail_all(p, err);
-    } else {
-        snprintf(err, errlen, "%s: %s", what,
-                 r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
-                     ? amqp_error_string2(r.library_error)
-                     : "the connection failed");
-    }
-    return -1;
-}
-
-static int ensure_open(wr_publisher *p, char *err, size_t errlen) {
-    if (!p->conn) {
-        snprintf(err, errlen, "not connected to the broker");
-        return -1;
-    }
-    if (p->open) return 0;
-    amqp_channel_open(p->conn, CHANNEL);
-    if (check(p, "opening the publishing channel", err, errlen)) return -1;
-    amqp_confirm_select(p->conn, CHANNEL);
-    if (check(p, "enabling publisher confirms", err, errlen)) return -1;
-    p->open = true;
-    p->next_seq = 1;
-    return 0;
-}
-
-uint64_t wr_publisher_send(wr_publisher *p, const wr_message *m, wr_confirm_fn cb, void *ctx,
-                           char *err, size_t errlen) {
-    if (ensure_open(p, err, errlen)) return 0;
-    pending *e = calloc(1, sizeof *e);
-    if (!e || !(e->message_id = amqp_bytes_malloc_dup(m->props.message_id)).bytes) {
-        free(e);
-        snprintf(err, errlen, "out of memory");
-        return 0;
-    }
-    int rc = amqp_basic_publish(p->conn, CHANNEL, m->exchange, m->routing_key, m->mandatory, 0,
-                                &m->props, m->body);
-    if (rc != AMQP_STATUS_OK) {
-        free_pending(e);
-        snprintf(err, errlen, "publishing: %s", amqp_error_string2(rc));
-        return 0;
-    }
-    e->seq = p->next_seq++;
-    e->cb = cb;
-    e->ctx = ctx;
-    if (p->tail)
-        p->tail->next = e;
-    else
-        p->head = e;
-    p->tail = e;
-    return e->seq;
-}
-
-void wr_publisher_forget(wr_publisher *p, uint64_t seq) {
-    pending **link = &p->head, *prev = NULL;
-    for (; *link; prev = *link, link = &(*link)->next) {
-        if ((*link)->seq != seq) continue;
-        pending *e = *link;
-        *link = e->next;
-        if (p->tail == e) p->tail = prev;
-        free_pending(e);
+        amqp_table_entry_t args[3];
+        args[0].key = amqp_cstring_bytes("x-message-ttl");
+        args[0].value.kind = AMQP_FIELD_KIND_I64;
+        args[0].value.value.i64 = n->ttl_ms;
+        args[1].key = amqp_cstring_bytes("x-dead-letter-exchange");
+        args[1].value.kind = AMQP_FIELD_KIND_UTF8;
+        args[1].value.value.bytes = amqp_cstring_bytes("");
+        args[2].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+        args[2].value.kind = AMQP_FIELD_KIND_UTF8;
+        args[2].value.value.bytes = amqp_cstring_bytes(n->target);
+        amqp_queue_declare_t m = {
+            .queue = amqp_cstring_bytes(n->name), .durable = 1, .arguments = {3, args}};
+        wr_wire_method(p->wire, PROBE, AMQP_QUEUE_DECLARE_METHOD, &m);
         return;
     }
 }
 
-int wr_publisher_delay_queue(wr_publisher *p, const char *name, long ttl_ms, const char *target,
-                             char *err, size_t errlen) {
-    for (size_t i = 0; i < p->ndelays; i++)
-        if (!strcmp(p->delays[i], name)) return 0;
-    if (ensure_open(p, err, errlen)) return -1;
-    amqp_table_entry_t args[3];
-    args[0].key = amqp_cstring_bytes("x-message-ttl");
-    args[0].value.kind = AMQP_FIELD_KIND_I64;
-    args[0].value.value.i64 = ttl_ms;
-    args[1].key = amqp_cstring_bytes("x-dead-letter-exchange");
-    args[1].value.kind = AMQP_FIELD_KIND_UTF8;
-    args[1].value.value.bytes = amqp_cstring_bytes("");
-    args[2].key = amqp_cstring_bytes("x-dead-letter-routing-key");
-    args[2].value.kind = AMQP_FIELD_KIND_UTF8;
-    args[2].value.value.bytes = amqp_cstring_bytes(target);
-    amqp_table_t table = {3, args};
-    amqp_queue_declare(p->conn, CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, table);
-    char what[300];
-    snprintf(what, sizeof what, "declaring delay queue '%s'", name);
-    if (check(p, what, err, errlen)) return -1;
-    if (p->ndelays < MAX_DELAY_QUEUES) p->delays[p->ndelays++] = strdup(name);
+/* Writes every queued publish whose needs are met, in order. Never calls
+ * back: a failure of the write is reported by the wire later. */
+static void write_queued(wr_publisher *p) {
+    if (p->state != P_READY) return;
+    msg **link = &p->queued, *prev = NULL;
+    while (*link) {
+        msg *m = *link;
+        if (m->need && m->need->state != NEED_MET) {
+            prev = m;
+            link = &m->next;
+            continue;
+        }
+        amqp_basic_publish_t pm = {
+            .exchange = m->exchange, .routing_key = m->routing_key, .mandatory = m->mandatory};
+        if (wr_wire_publish(p->wire, PUBLISH, &pm, &m->props, m->body)) return;
+        /* The socket holds it now; its body is not needed but to match a return. */
+        *link = m->next;
+        if (p->queued_tail == m) p->queued_tail = prev;
+        m->seq = ++p->next_seq;
+        m->next = NULL;
+        if (p->inflight_tail)
+            p->inflight_tail->next = m;
+        else
+            p->inflight = m;
+        p->inflight_tail = m;
+    }
+    ask(p);
+}
+
+static void connect_now(wr_publisher *p) {
+    char err[256];
+    p->state = P_CONNECTING;
+    if (wr_wire_open(p->wire, p->url, p->heartbeat, CONNECT_SECONDS, err, sizeof err)) {
+        p->state = P_DOWN;
+        wr_warn("publishing: %s", err);
+    }
+}
+
+uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn cb, void *ctx,
+                           char *err, size_t errlen) {
+    if (!p->url) {
+        snprintf(err, errlen, "not connected to the broker");
+        return 0;
+    }
+    const amqp_bytes_t uid = in->props.user_id;
+    if ((in->props._flags & AMQP_BASIC_USER_ID_FLAG) && p->user &&
+        (uid.len != strlen(p->user) || memcmp(uid.bytes, p->user, uid.len))) {
+        snprintf(err, errlen, "user_id '%.*s' is not the login name '%s' (the broker refuses it)",
+                 (int)uid.len, (char *)uid.bytes, p->user);
+        return 0;
+    }
+    msg *m = calloc(1, sizeof *m);
+    if (!m) goto nomem;
+    init_amqp_pool(&m->pool, 1024);
+    m->exchange = in->exchange;
+    m->routing_key = in->routing_key;
+    m->mandatory = in->mandatory;
+    if (wr_bytes_copy(&m->pool, &m->exchange) || wr_bytes_copy(&m->pool, &m->routing_key) ||
+        wr_props_copy(&m->props, &in->props, &m->pool))
+        goto nomem;
+    m->body.len = in->body.len;
+    if (in->body.len && !(m->body.bytes = malloc(in->body.len))) goto nomem;
+    if (in->body.len) memcpy(m->body.bytes, in->body.bytes, in->body.len);
+    if (in->delay_queue) {
+        m->routing_key = amqp_cstring_bytes(in->delay_queue);
+        m->exchange = amqp_empty_bytes;
+        if (wr_bytes_copy(&m->pool, &m->routing_key)) goto nomem;
+        if (!(m->need = find_need(p, true, in->delay_queue))) goto nomem;
+        if (!m->need->target) {
+            m->need->ttl_ms = in->delay_ms;
+            if (!(m->need->target = strdup(in->delay_target))) goto nomem;
+        }
+    } else if (m->exchange.len && !(m->exchange.len > 4 && !memcmp(m->exchange.bytes, "amq.", 4))) {
+        char name[256];
+        snprintf(name, sizeof name, "%.*s", (int)m->exchange.len, (char *)m->exchange.bytes);
+        if (!(m->need = find_need(p, false, name))) goto nomem;
+    }
+    m->id = ++p->next_id;
+    m->cb = cb;
+    m->ctx = ctx;
+    if (p->queued_tail)
+        p->queued_tail->next = m;
+    else
+        p->queued = m;
+    p->queued_tail = m;
+    if (p->state == P_DOWN)
+        connect_now(p);
+    else
+        write_queued(p);
+    return m->id;
+nomem:
+    if (m) free_msg(m);
+    snprintf(err, errlen, "out of memory");
     return 0;
+}
+
+void wr_publisher_forget(wr_publisher *p, uint64_t id) {
+    msg **link = &p->queued, *prev = NULL;
+    for (; *link; prev = *link, link = &(*link)->next) {
+        if ((*link)->id != id) continue;
+        msg *m = *link;
+        *link = m->next;
+        if (p->queued_tail == m) p->queued_tail = prev;
+        free_msg(m);
+        return;
+    }
+    /* Written already: it keeps its place for the sequence numbers. */
+    for (msg *m = p->inflight; m; m = m->next)
+        if (m->id == id) m->cb = NULL;
+}
+
+static void wire_ready(void *ud) {
+    wr_publisher *p = ud;
+    p->state = P_OPENING;
+    p->next_seq = 0;
+    amqp_channel_open_t m = {amqp_empty_bytes};
+    wr_wire_method(p->wire, PUBLISH, AMQP_CHANNEL_OPEN_METHOD, &m);
+    wr_wire_method(p->wire, PROBE, AMQP_CHANNEL_OPEN_METHOD, &m);
+}
+
+static void wire_closed(void *ud, wr_broker_status st, const char *why) {
+    wr_publisher *p = ud;
+    (void)st;
+    char text[400];
+    snprintf(text, sizeof text, "publishing connection: %s", why);
+    if (p->queued || p->inflight) wr_warn("%s", text);
+    fail_all(p, text, false);
+}
+
+/* Confirms every in-flight publish up to seq (or only seq). */
+static void confirm(wr_publisher *p, uint64_t seq, bool multiple, const char *err) {
+    msg *done = NULL, **done_tail = &done;
+    msg **link = &p->inflight, *prev = NULL;
+    while (*link && (*link)->seq <= seq) {
+        msg *m = *link;
+        if (!multiple && m->seq != seq) {
+            prev = m;
+            link = &m->next;
+            continue;
+        }
+        *link = m->next;
+        if (p->inflight_tail == m) p->inflight_tail = prev;
+        m->next = NULL;
+        *done_tail = m;
+        done_tail = &m->next;
+    }
+    complete(done, err);
+}
+
+static bool same(amqp_bytes_t a, amqp_bytes_t b) {
+    return a.len == b.len && (a.len == 0 || !memcmp(a.bytes, b.bytes, a.len));
+}
+
+/* A returned message is complete: the oldest in-flight publish with the
+ * same exchange, routing key, id and body, not yet returned, is it. */
+static void match_return(wr_publisher *p) {
+    for (msg *m = p->inflight; m; m = m->next) {
+        bool has_id = m->props._flags & AMQP_BASIC_MESSAGE_ID_FLAG;
+        if (m->returned || !m->mandatory || has_id != p->ret_has_id ||
+            (has_id && !same(m->props.message_id, p->ret_id)) ||
+            !same(m->exchange, p->ret_exchange) || !same(m->routing_key, p->ret_key) ||
+            !same(m->body, p->ret_body))
+            continue;
+        m->returned = strdup(p->return_text);
+        break;
+    }
+    clear_return(p);
+}
+
+static void returned_content(wr_publisher *p, const amqp_frame_t *f) {
+    if (f->frame_type == AMQP_FRAME_HEADER) {
+        const amqp_basic_properties_t *props = f->payload.properties.decoded;
+        p->ret_has_id = props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG;
+        if (p->ret_has_id) p->ret_id = amqp_bytes_malloc_dup(props->message_id);
+        size_t size = (size_t)f->payload.properties.body_size;
+        p->ret_body.len = size;
+        p->ret_body.bytes = size ? malloc(size) : NULL;
+        if (size && !p->ret_body.bytes) {
+            wr_wire_end(p->wire, AMQP_INTERNAL_ERROR, WR_BROKER_FAILED,
+                        "out of memory for a returned message");
+            return;
+        }
+        if (size == 0) match_return(p);
+        return;
+    }
+    amqp_bytes_t frag = f->payload.body_fragment;
+    if (frag.len > p->ret_body.len - p->ret_got) {
+        wr_wire_end(p->wire, AMQP_UNEXPECTED_FRAME, WR_BROKER_FAILED,
+                    "protocol error from the broker: a returned message's body is too long");
+        return;
+    }
+    memcpy((char *)p->ret_body.bytes + p->ret_got, frag.bytes, frag.len);
+    p->ret_got += frag.len;
+    if (p->ret_got == p->ret_body.len) match_return(p);
+}
+
+static void publish_frame(wr_publisher *p, const amqp_frame_t *f) {
+    if (f->frame_type != AMQP_FRAME_METHOD) {
+        if (p->in_return) returned_content(p, f);
+        return;
+    }
+    switch (f->payload.method.id) {
+    case AMQP_CHANNEL_OPEN_OK_METHOD: {
+        p->state = P_SELECTING;
+        amqp_confirm_select_t m = {0};
+        wr_wire_method(p->wire, PUBLISH, AMQP_CONFIRM_SELECT_METHOD, &m);
+        return;
+    }
+    case AMQP_CONFIRM_SELECT_OK_METHOD:
+        p->state = P_READY;
+        write_queued(p);
+        return;
+    case AMQP_BASIC_ACK_METHOD: {
+        const amqp_basic_ack_t *m = f->payload.method.decoded;
+        confirm(p, m->delivery_tag, m->multiple, NULL);
+        return;
+    }
+    case AMQP_BASIC_NACK_METHOD: {
+        const amqp_basic_nack_t *m = f->payload.method.decoded;
+        confirm(p, m->delivery_tag, m->multiple, "rejected by the broker (nack)");
+        return;
+    }
+    case AMQP_BASIC_RETURN_METHOD: {
+        const amqp_basic_return_t *m = f->payload.method.decoded;
+        clear_return(p);
+        snprintf(p->return_text, sizeof p->return_text, "%u %.*s", m->reply_code,
+                 (int)m->reply_text.len, (char *)m->reply_text.bytes);
+        p->ret_exchange = amqp_bytes_malloc_dup(m->exchange);
+        p->ret_key = amqp_bytes_malloc_dup(m->routing_key);
+        p->in_return = true;
+        return;
+    }
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+        /* Rare now that exchanges are checked first; every publish in
+         * flight on the channel fails with it. */
+        const amqp_channel_close_t *m = f->payload.method.decoded;
+        char why[300];
+        snprintf(why, sizeof why, "channel closed by the broker: %.*s", (int)m->reply_text.len,
+                 (char *)m->reply_text.bytes);
+        wr_warn("publishing %s", why);
+        amqp_channel_close_ok_t ok = {0};
+        wr_wire_method(p->wire, PUBLISH, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        msg *list = p->inflight;
+        p->inflight = p->inflight_tail = NULL;
+        clear_return(p);
+        p->state = P_OPENING;
+        p->next_seq = 0;
+        amqp_channel_open_t open = {amqp_empty_bytes};
+        wr_wire_method(p->wire, PUBLISH, AMQP_CHANNEL_OPEN_METHOD, &open);
+        complete(list, why);
+        return;
+    }
+    default:
+        return;
+    }
+}
+
+static void probe_frame(wr_publisher *p, const amqp_frame_t *f) {
+    if (f->frame_type != AMQP_FRAME_METHOD) return;
+    need *asked = NULL;
+    for (need *n = p->needs; n; n = n->next)
+        if (n->state == NEED_ASKED) asked = n;
+    switch (f->payload.method.id) {
+    case AMQP_CHANNEL_OPEN_OK_METHOD:
+        p->probe_open = true;
+        ask(p);
+        return;
+    case AMQP_EXCHANGE_DECLARE_OK_METHOD:
+    case AMQP_QUEUE_DECLARE_OK_METHOD:
+        p->probe_busy = false;
+        if (asked) asked->state = NEED_MET;
+        write_queued(p);
+        return;
+    case AMQP_CHANNEL_CLOSE_METHOD: {
+        const amqp_channel_close_t *m = f->payload.method.decoded;
+        char why[400];
+        snprintf(why, sizeof why, "%s '%s': %.*s",
+                 asked && asked->queue ? "declaring delay queue" : "exchange",
+                 asked ? asked->name : "?", (int)m->reply_text.len, (char *)m->reply_text.bytes);
+        amqp_channel_close_ok_t ok = {0};
+        wr_wire_method(p->wire, PROBE, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        p->probe_open = p->probe_busy = false;
+        amqp_channel_open_t open = {amqp_empty_bytes};
+        wr_wire_method(p->wire, PROBE, AMQP_CHANNEL_OPEN_METHOD, &open);
+        /* The publishes that needed it fail; the need is asked again next time. */
+        msg *failed = NULL, **tail = &failed, **link = &p->queued, *prev = NULL;
+        while (*link) {
+            msg *q = *link;
+            if (q->need != asked) {
+                prev = q;
+                link = &q->next;
+                continue;
+            }
+            *link = q->next;
+            if (p->queued_tail == q) p->queued_tail = prev;
+            q->next = NULL;
+            q->need = NULL;
+            *tail = q;
+            tail = &q->next;
+        }
+        if (asked) asked->state = NEED_NEW;
+        complete(failed, why);
+        return;
+    }
+    default:
+        return;
+    }
+}
+
+static void wire_frame(void *ud, const amqp_frame_t *f) {
+    wr_publisher *p = ud;
+    if (f->channel == 0) {
+        if (f->payload.method.id == AMQP_CONNECTION_BLOCKED_METHOD) {
+            const amqp_connection_blocked_t *m = f->payload.method.decoded;
+            wr_warn("the broker blocked publishing (%.*s): publishes wait, acks and deliveries "
+                    "go on",
+                    (int)m->reason.len, (char *)m->reason.bytes);
+        } else {
+            wr_info("the broker unblocked publishing");
+        }
+        return;
+    }
+    if (f->channel == PUBLISH)
+        publish_frame(p, f);
+    else if (f->channel == PROBE)
+        probe_frame(p, f);
+    else
+        wr_wire_end(p->wire, AMQP_UNEXPECTED_FRAME, WR_BROKER_FAILED,
+                    "protocol error from the broker: a frame on a channel that is not open");
 }

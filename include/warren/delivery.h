@@ -19,10 +19,9 @@ typedef struct wr_delivery {
     uint64_t received; /* body bytes so far */
     amqp_pool_t pool;
     struct wr_delivery *next_free;
-    /* The broker's list of unsettled deliveries of the current channel, in
-     * tag order; see wr_broker_settle. */
-    bool unsettled;
-    struct wr_delivery *older, *newer;
+    /* The channel opening the tag belongs to: a tag dies with its channel
+     * (see wr_broker_settle). */
+    unsigned epoch;
 } wr_delivery;
 
 typedef struct wr_assembler {
@@ -36,7 +35,7 @@ enum {
     WR_FRAME_IGNORED = 0, /* not part of a delivery: the caller handles it */
     WR_FRAME_PART = 1,    /* consumed, the delivery is not complete yet */
     WR_FRAME_DONE = 2,    /* a delivery is complete and handed over in *out */
-    WR_FRAME_ERROR = -1,  /* frames out of order, or out of memory */
+    WR_FRAME_ERROR = -1,  /* frames out of order (a protocol error), or out of memory */
 };
 
 /* Prepares an assembler that keeps up to keep recycled deliveries. */
@@ -55,6 +54,16 @@ void wr_delivery_release(wr_assembler *a, wr_delivery *d);
 
 /* Frees everything, including the free list. */
 void wr_assembler_free(wr_assembler *a);
+
+/* Makes b a copy in pool of the bytes it points to (NULL when empty).
+ * Returns 0, or -1 when out of memory. */
+int wr_bytes_copy(amqp_pool_t *pool, amqp_bytes_t *b);
+
+/* Deep-copies src into dst, strings and headers in pool. Only the fields
+ * whose flag is set are copied: rabbitmq-c leaves the others uninitialised.
+ * Returns 0, or -1 when out of memory. */
+int wr_props_copy(amqp_basic_properties_t *dst, const amqp_basic_properties_t *src,
+                  amqp_pool_t *pool);
 
 /* Finds a header by name; returns NULL when absent. */
 const amqp_field_value_t *wr_delivery_header(const wr_delivery *d, const char *name);

@@ -1,11 +1,25 @@
-/* Publishing with confirms on a channel of its own (channel 2), so that a
- * publish error (a missing exchange closes the channel) never touches the
- * consuming channel. The channel is opened on first use and re-opened after
- * an error. Callbacks run from the broker's pump, once per publish. */
+/* Publishing with confirms, on a connection of its own: RabbitMQ blocks
+ * only connections that publish (a memory alarm), so acks and deliveries on
+ * the consuming connection go on while publishes wait. The connection is
+ * opened on first use, to the node the consumer uses, and never blocks the
+ * loop: a publish is queued, written when the socket takes it, and its
+ * callback runs when the broker confirms, rejects or returns it.
+ *
+ * Channel 1 publishes in confirm mode; channel 2 checks what a publish
+ * needs first (that its exchange exists, that its delay queue is declared),
+ * so a missing exchange fails only the publishes that name it, never the
+ * others in flight. Confirms are matched by sequence number; a basic.return
+ * by the message's exchange, routing key, id and body, to the oldest such
+ * publish in flight.
+ *
+ * Owner and cancellation: the broker owns the publisher; each queued
+ * publish belongs to its caller (a waiting job) until its callback runs or
+ * the caller forgets it. Callbacks never run inside wr_publisher_send. */
 #ifndef WARREN_PUBLISHER_H
 #define WARREN_PUBLISHER_H
 
 #include <amqp.h>
+#include <ev.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -16,39 +30,42 @@ typedef struct wr_message {
     amqp_bytes_t exchange;
     amqp_bytes_t routing_key;
     amqp_bytes_t body;
-    amqp_basic_properties_t props; /* message_id is required: returns are matched by it */
-    bool mandatory;                /* return it (an error) when no queue takes it */
+    amqp_basic_properties_t props;
+    bool mandatory; /* return it (an error) when no queue takes it */
+    /* When set, the message goes to this delay queue (through the default
+     * exchange), declared first if needed: its messages wait delay_ms and
+     * are then dead-lettered to delay_target. */
+    const char *delay_queue;
+    long delay_ms;
+    const char *delay_target;
 } wr_message;
 
 /* err is NULL when the broker confirmed the message, else why it did not. */
 typedef void (*wr_confirm_fn)(void *ctx, const char *err);
 
-wr_publisher *wr_publisher_new(void);
+wr_publisher *wr_publisher_new(struct ev_loop *loop);
 void wr_publisher_free(wr_publisher *p);
 
-/* Binds to a new connection (conn) or to none (NULL). Pending publishes of
- * the previous connection are dropped without callbacks: their jobs were
- * interrupted with it. */
-void wr_publisher_bind(wr_publisher *p, amqp_connection_state_t conn);
+/* The broker to publish to: the URL the consumer uses. When it changes,
+ * the connection to the old one is dropped and its publishes fail. */
+void wr_publisher_target(wr_publisher *p, const char *url, int heartbeat);
 
-/* Handles a frame of the publishing channel. Returns 0, or -1 when the
- * connection can no longer be used (a send failed). */
-int wr_publisher_frame(wr_publisher *p, const amqp_frame_t *f);
-
-/* Publishes m; cb(ctx, err) runs once when the broker confirms, rejects or
- * returns it, or the channel fails. Returns a sequence number > 0, or 0
- * with a message in err when it could not be sent (no connection, channel
- * cannot open). */
+/* Queues a copy of m; cb(ctx, err) runs exactly once, later, unless the
+ * publish is forgotten. Returns an id > 0, or 0 with a message in err when
+ * it cannot be published at all (no broker yet, a user_id that is not the
+ * login name, out of memory). */
 uint64_t wr_publisher_send(wr_publisher *p, const wr_message *m, wr_confirm_fn cb, void *ctx,
                            char *err, size_t errlen);
 
-/* Drops a pending publish: its callback will not run. */
-void wr_publisher_forget(wr_publisher *p, uint64_t seq);
+/* Drops a queued publish: its callback will not run. A publish the socket
+ * has already begun to take still reaches the broker. */
+void wr_publisher_forget(wr_publisher *p, uint64_t id);
 
-/* Declares (once per connection) a durable queue whose messages wait ttl_ms
- * and are then dead-lettered to target through the default exchange.
- * Returns 0, or -1 with a message in err. */
-int wr_publisher_delay_queue(wr_publisher *p, const char *name, long ttl_ms, const char *target,
-                             char *err, size_t errlen);
+/* Ends the connection now; queued publishes are dropped without callbacks
+ * (their jobs are over). */
+void wr_publisher_abort(wr_publisher *p);
+
+/* See wr_wire_keepalive. */
+void wr_publisher_keepalive(wr_publisher *p);
 
 #endif

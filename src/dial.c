@@ -1,0 +1,282 @@
+#include "warren/dial.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* A name lookup shared by the dial and its thread; whoever finishes last
+ * frees it (see the header). */
+typedef struct lookup {
+    pthread_mutex_t mu;
+    bool abandoned; /* the dial is gone: the thread frees everything */
+    bool finished;  /* the thread is done with everything but the mutex */
+    char *host;
+    char port[8];
+    struct addrinfo *res;
+    int rc;
+    struct ev_loop *loop;
+    ev_async *wake;
+} lookup;
+
+struct wr_dial {
+    struct ev_loop *loop;
+    wr_dial_fn done;
+    void *ud;
+    bool tls;
+    char *host;
+    lookup *lk;
+    ev_async wake;
+    struct addrinfo *addrs, *next; /* the addresses, the next to try */
+    int fd;
+    SSL *ssl;
+    ev_io io;
+    char err[256];
+};
+
+static void free_lookup(lookup *lk) {
+    if (lk->res) freeaddrinfo(lk->res);
+    pthread_mutex_destroy(&lk->mu);
+    free(lk->host);
+    free(lk);
+}
+
+static void *resolve(void *arg) {
+    lookup *lk = arg;
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_ADDRCONFIG};
+    struct addrinfo *res = NULL;
+    int rc = getaddrinfo(lk->host, lk->port, &hints, &res);
+    pthread_mutex_lock(&lk->mu);
+    lk->rc = rc;
+    lk->res = res;
+    bool abandoned = lk->abandoned;
+    if (!abandoned) {
+        lk->finished = true;
+        ev_async_send(lk->loop, lk->wake);
+    }
+    pthread_mutex_unlock(&lk->mu);
+    if (abandoned) free_lookup(lk);
+    return NULL;
+}
+
+static void finish(wr_dial *d, int fd, SSL *ssl, const char *err) {
+    wr_dial_fn done = d->done;
+    void *ud = d->ud;
+    if (fd >= 0) {
+        d->fd = -1; /* handed over */
+        d->ssl = NULL;
+    }
+    wr_dial_cancel(d);
+    done(ud, fd, ssl, err);
+}
+
+static void fail(wr_dial *d, const char *fmt, const char *what) {
+    char err[300];
+    snprintf(err, sizeof err, fmt, what);
+    finish(d, -1, NULL, err);
+}
+
+static SSL_CTX *tls_context(void) {
+    static SSL_CTX *ctx;
+    if (ctx) return ctx;
+    ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) return NULL;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_default_verify_paths(ctx);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    return ctx;
+}
+
+static const char *tls_error(wr_dial *d) {
+    long v = SSL_get_verify_result(d->ssl);
+    if (v != X509_V_OK) return X509_verify_cert_error_string(v);
+    unsigned long e = ERR_get_error();
+    return e ? ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "TLS error"
+             : "the connection closed during the TLS handshake";
+}
+
+static void tls_step(wr_dial *d) {
+    ERR_clear_error();
+    int rc = SSL_connect(d->ssl);
+    if (rc == 1) {
+        ev_io_stop(d->loop, &d->io);
+        finish(d, d->fd, d->ssl, NULL);
+        return;
+    }
+    int e = SSL_get_error(d->ssl, rc);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        ev_io_stop(d->loop, &d->io);
+        ev_io_set(&d->io, d->fd, e == SSL_ERROR_WANT_READ ? EV_READ : EV_WRITE);
+        ev_io_start(d->loop, &d->io);
+        return;
+    }
+    fail(d, "TLS handshake failed: %s", tls_error(d));
+}
+
+static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents) {
+    (void)loop, (void)revents;
+    tls_step(w->data);
+}
+
+static void start_tls(wr_dial *d) {
+    SSL_CTX *ctx = tls_context();
+    if (!ctx || !(d->ssl = SSL_new(ctx))) {
+        fail(d, "TLS: %s", "cannot set up OpenSSL");
+        return;
+    }
+    SSL_set_fd(d->ssl, d->fd);
+    SSL_set_mode(d->ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_set_tlsext_host_name(d->ssl, d->host);
+    SSL_set1_host(d->ssl, d->host);
+    ev_io_init(&d->io, tls_io_cb, d->fd, EV_WRITE);
+    d->io.data = d;
+    tls_step(d);
+}
+
+static void connected(wr_dial *d) {
+    int one = 1;
+    setsockopt(d->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (d->tls)
+        start_tls(d);
+    else
+        finish(d, d->fd, NULL, NULL);
+}
+
+static void try_next(wr_dial *d);
+
+static void connect_cb(struct ev_loop *loop, ev_io *w, int revents) {
+    (void)revents;
+    wr_dial *d = w->data;
+    ev_io_stop(loop, w);
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (getsockopt(d->fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr == 0) {
+        connected(d);
+        return;
+    }
+    snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(soerr ? soerr : errno));
+    close(d->fd);
+    d->fd = -1;
+    try_next(d);
+}
+
+/* Connects to the next address, or reports the last error when none is left. */
+static void try_next(wr_dial *d) {
+    while (d->next) {
+        struct addrinfo *ai = d->next;
+        d->next = ai->ai_next;
+        int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (fd < 0) {
+            snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(errno));
+            continue;
+        }
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        d->fd = fd;
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+            connected(d);
+            return;
+        }
+        if (errno == EINPROGRESS) {
+            ev_io_init(&d->io, connect_cb, fd, EV_WRITE);
+            d->io.data = d;
+            ev_io_start(d->loop, &d->io);
+            return;
+        }
+        snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(errno));
+        close(fd);
+        d->fd = -1;
+    }
+    finish(d, -1, NULL, d->err[0] ? d->err : "cannot connect: no address");
+}
+
+static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents) {
+    (void)revents;
+    wr_dial *d = w->data;
+    lookup *lk = d->lk;
+    pthread_mutex_lock(&lk->mu);
+    bool finished = lk->finished;
+    pthread_mutex_unlock(&lk->mu);
+    if (!finished) return;
+    ev_async_stop(loop, w);
+    d->lk = NULL;
+    int rc = lk->rc;
+    d->addrs = d->next = lk->res;
+    lk->res = NULL;
+    free_lookup(lk);
+    if (rc != 0) {
+        fail(d, "cannot resolve the host name: %s", gai_strerror(rc));
+        return;
+    }
+    try_next(d);
+}
+
+wr_dial *wr_dial_start(struct ev_loop *loop, const char *host, int port, bool tls, wr_dial_fn done,
+                       void *ud) {
+    wr_dial *d = calloc(1, sizeof *d);
+    lookup *lk = calloc(1, sizeof *lk);
+    if (!d || !lk || !(d->host = strdup(host)) || !(lk->host = strdup(host))) goto nomem;
+    d->loop = loop;
+    d->done = done;
+    d->ud = ud;
+    d->tls = tls;
+    d->fd = -1;
+    snprintf(lk->port, sizeof lk->port, "%d", port);
+    pthread_mutex_init(&lk->mu, NULL);
+    lk->loop = loop;
+    lk->wake = &d->wake;
+    ev_async_init(&d->wake, resolved_cb);
+    d->wake.data = d;
+    ev_async_start(loop, &d->wake);
+    d->lk = lk;
+    pthread_attr_t attr;
+    pthread_t t;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&t, &attr, resolve, lk);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        ev_async_stop(loop, &d->wake);
+        d->lk = NULL;
+        free_lookup(lk);
+        free(d->host);
+        free(d);
+        return NULL;
+    }
+    return d;
+nomem:
+    if (lk) free(lk->host);
+    free(lk);
+    if (d) free(d->host);
+    free(d);
+    return NULL;
+}
+
+void wr_dial_cancel(wr_dial *d) {
+    if (!d) return;
+    ev_async_stop(d->loop, &d->wake);
+    ev_io_stop(d->loop, &d->io);
+    if (d->lk) {
+        lookup *lk = d->lk;
+        pthread_mutex_lock(&lk->mu);
+        bool finished = lk->finished;
+        lk->abandoned = true;
+        pthread_mutex_unlock(&lk->mu);
+        if (finished) free_lookup(lk); /* the thread no longer touches it */
+    }
+    if (d->ssl) SSL_free(d->ssl);
+    if (d->fd >= 0) close(d->fd);
+    if (d->addrs) freeaddrinfo(d->addrs);
+    free(d->host);
+    free(d);
+}
