@@ -72,12 +72,14 @@ static void *resolve(void *arg) {
 static void finish(wr_dial *d, int fd, SSL *ssl, const char *err) {
     wr_dial_fn done = d->done;
     void *ud = d->ud;
+    char why[300] = "";
+    if (err) snprintf(why, sizeof why, "%s", err); /* it may live in d */
     if (fd >= 0) {
         d->fd = -1; /* handed over */
         d->ssl = NULL;
     }
     wr_dial_cancel(d);
-    done(ud, fd, ssl, err);
+    done(ud, fd, ssl, err ? why : NULL);
 }
 
 static void fail(wr_dial *d, const char *fmt, const char *what) {

@@ -61,8 +61,15 @@ static double next_backoff(host *h) {
 }
 
 static void schedule_retry(host *h) {
+    double wait = next_backoff(h);
+    /* At start-up, never wait past --connect-timeout: the last attempt
+     * gets what is left and its failure ends the wait in time. */
+    if (h->state == CONNECTING && !h->ever_connected && h->cfg->connect_timeout > 0) {
+        double left = h->cfg->connect_timeout - (ev_now(h->loop) - h->outage_since);
+        if (wait > left) wait = left > 0 ? left : 0;
+    }
     ev_timer_stop(h->loop, &h->retry_timer);
-    ev_timer_set(&h->retry_timer, next_backoff(h), 0);
+    ev_timer_set(&h->retry_timer, wait, 0);
     ev_timer_start(h->loop, &h->retry_timer);
 }
 
@@ -119,7 +126,7 @@ static void on_failed(void *ud, wr_broker_status st, const char *err) {
             return;
         }
         double waited = ev_now(h->loop) - h->outage_since;
-        if (h->cfg->connect_timeout > 0 && waited >= h->cfg->connect_timeout - 0.01) {
+        if (h->cfg->connect_timeout > 0 && waited >= h->cfg->connect_timeout - 0.02) {
             wr_error("broker unreachable: %s (gave up after %.1f s; see --connect-timeout)", err,
                      waited);
             stop(h, WR_EXIT_UNAVAILABLE);

@@ -69,6 +69,10 @@ int wr_ledger_settle(wr_ledger *l, uint64_t tag, bool ack) {
     return 0;
 }
 
+bool wr_ledger_pending(const wr_ledger *l) {
+    return l->nacks > 0;
+}
+
 size_t wr_ledger_collected(const wr_ledger *l) {
     return l->nacks;
 }
