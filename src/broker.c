@@ -124,6 +124,7 @@ static void open_url(wr_broker *b) {
     double left = b->attempt_end - ev_now(b->loop);
     char err[256];
     b->phase = B_CONNECTING;
+    wr_debug("connecting to URL %zu of %zu", b->url_index + 1, b->cfg->nurls);
     if (wr_wire_open(b->wire, b->cfg->urls[b->url_index], b->cfg->heartbeat,
                      left < CONNECT_SECONDS ? left : CONNECT_SECONDS, err, sizeof err))
         attempt_failed(b, WR_BROKER_FAILED, err);

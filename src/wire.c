@@ -14,7 +14,8 @@
 #define FRAME_MAX 131072
 #define INBUF_SIZE (2 * FRAME_MAX)
 #define CHUNK_MIN 4096
-#define FRAME_OVERHEAD 8 /* type, channel, size, frame end */
+#define WRITE_BUDGET (256 * 1024) /* bytes written per loop turn, at most */
+#define FRAME_OVERHEAD 8          /* type, channel, size, frame end */
 
 typedef enum { W_IDLE, W_DIALING, W_HANDSHAKE, W_READY, W_CLOSING, W_DEAD } wire_state;
 
@@ -137,12 +138,20 @@ static ssize_t tx(wr_wire *w, const void *buf, size_t n) {
     return r;
 }
 
-/* Writes as much of the outbox as the socket takes now; the rest waits for
- * writability. Never calls back. */
+/* Writes as much of the outbox as the socket takes now, up to a budget per
+ * call (a broker reading as fast as we write would otherwise keep the loop
+ * here for a whole large message); the rest waits for writability. Never
+ * calls back. */
 static void flush(wr_wire *w) {
+    size_t budget = WRITE_BUDGET;
     while (w->head && w->fd >= 0) {
+        if (budget == 0) {
+            ev_io_start(w->loop, &w->wio);
+            return;
+        }
         chunk *c = w->head;
-        ssize_t n = tx(w, c->data + c->off, c->len - c->off);
+        size_t want = c->len - c->off < budget ? c->len - c->off : budget;
+        ssize_t n = tx(w, c->data + c->off, want);
         if (n == -2) {
             ev_io_start(w->loop, &w->wio);
             return;
@@ -152,6 +161,7 @@ static void flush(wr_wire *w) {
             return;
         }
         w->last_out = ev_now(w->loop);
+        budget -= (size_t)n;
         c->off += (size_t)n;
         w->unsent -= (size_t)n;
         if (c->off < c->len) continue;
