@@ -784,4 +784,27 @@ function Proxy:stop()
   end
 end
 
+-- H.fakebroker(scenario) -> fake, a fake AMQP broker (spec/support/fakebroker.lua) that
+-- breaks the protocol in the given way on the first consuming connection. fake.url is its
+-- AMQP URL; fake:records() returns its record lines as arrays of words (see the file).
+function H.fakebroker(scenario)
+  local dir = H.tmpdir()
+  local port_file, rec = dir .. "/port", dir .. "/records"
+  local proc = H.spawn({
+    H.lua_bin, support_dir .. "/fakebroker.lua", port_file, rec, scenario, get_owner_pid(),
+  })
+  local port = H.wait_until(function()
+    local text = H.read_file(port_file)
+    if not text and not proc:running() then
+      error("fakebroker exited with code " .. tostring(proc:exit_code()) .. ":\n" .. proc:log())
+    end
+    return text and tonumber(text)
+  end, 10, "fakebroker to listen")
+  return {
+    url = "amqp://guest:guest@127.0.0.1:" .. port .. "/",
+    proc = proc,
+    records = function() return H.records(rec) end,
+  }
+end
+
 return H
