@@ -68,6 +68,53 @@ describe("publish", function()
     assert.equal(0, H.term(proc))
   end)
 
+  it("fails only the publish that names a missing exchange, not another job's in flight", function()
+    local q = H.queue("isolate")
+    local target = H.queue("isolate-target")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        local ok, err = warren.publish{ exchange = body, routing_key = os.getenv("TARGET"),
+                                        body = "b", message_id = "out-" .. msg.message_id }
+        record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
+      end]])
+    H.publish(q, 1, { prefix = "missing", body = "no-such-exchange" })
+    H.publish(q, 1, { prefix = "fine", body = "" })
+    local proc = H.worker(script, q, { "-p", "2" }, { [H.RECORD_ENV] = rec, TARGET = target })
+    H.wait_until(function() return #H.records(rec) == 2 end, 10, "both jobs")
+    local results = {}
+    for _, r in ipairs(H.records(rec)) do results[r[1]] = r end
+    assert.equal("nil", results.missing1[2])
+    assert.matches("NOT_FOUND", results.missing1[3])
+    assert.equal("true", results.fine1[2], results.fine1.line)
+    assert.equal(0, H.term(proc))
+    assert.same({ "out-fine1" }, H.ids(H.drain(target)))
+  end)
+
+  it("gives two publishes in flight with the same message id each its own result", function()
+    local q = H.queue("sameid")
+    local target = H.queue("sameid-target")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        local ok, err = warren.publish{ routing_key = body, body = "b", message_id = "same" }
+        record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
+      end]])
+    H.publish(q, 1, { prefix = "routed", body = target })
+    H.publish(q, 1, { prefix = "unroutable", body = "no-queue-by-this-name" })
+    local proc = H.worker(script, q, { "-p", "2" }, { [H.RECORD_ENV] = rec })
+    H.wait_until(function() return #H.records(rec) == 2 end, 10, "both jobs")
+    local results = {}
+    for _, r in ipairs(H.records(rec)) do results[r[1]] = r end
+    assert.equal("true", results.routed1[2], results.routed1.line)
+    assert.equal("nil", results.unroutable1[2])
+    assert.matches("NO_ROUTE", results.unroutable1[3])
+    assert.equal(0, H.term(proc))
+    assert.same({ "same" }, H.ids(H.drain(target)))
+  end)
+
   it("answers a request with warren.reply to its reply_to and correlation_id", function()
     local q = H.queue("rpc")
     local replies = H.queue("rpc-replies")
