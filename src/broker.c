@@ -37,7 +37,6 @@ struct wr_broker {
     size_t url_index; /* the URL to try first */
     size_t tried;     /* URLs tried in this attempt */
     ev_tstamp attempt_end;
-    char err[512];
     char consumer_tag[256];
     unsigned epoch; /* the current channel opening; see wr_delivery.epoch */
     wr_assembler assembler;
@@ -103,11 +102,8 @@ static void attempt_failed(wr_broker *b, wr_broker_status st, const char *why) {
     wr_wire_abort(b->wire);
     end_channel(b);
     b->phase = B_DOWN;
-    snprintf(b->err, sizeof b->err, "%s", why);
     size_t n = b->cfg->nurls;
-    /* A refusal or a missing queue is the answer of a node that works. */
-    bool definite = st == WR_BROKER_REFUSED || st == WR_BROKER_NO_QUEUE;
-    if (!definite && ++b->tried < n && ev_now(b->loop) < b->attempt_end) {
+    if (++b->tried < n && ev_now(b->loop) < b->attempt_end) {
         wr_debug("%s", why);
         b->url_index = (b->url_index + 1) % n;
         open_url(b);

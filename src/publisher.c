@@ -231,7 +231,11 @@ static void write_queued(wr_publisher *p) {
         amqp_basic_publish_t pm = {
             .exchange = m->exchange, .routing_key = m->routing_key, .mandatory = m->mandatory};
         if (wr_wire_publish(p->wire, PUBLISH, &pm, &m->props, m->body)) return;
-        /* The socket holds it now; its body is not needed but to match a return. */
+        /* The wire holds a copy now; the body is kept only to match a return. */
+        if (!m->mandatory) {
+            free(m->body.bytes);
+            m->body = amqp_empty_bytes;
+        }
         *link = m->next;
         if (p->queued_tail == m) p->queued_tail = prev;
         m->seq = ++p->next_seq;
@@ -245,13 +249,11 @@ static void write_queued(wr_publisher *p) {
     ask(p);
 }
 
-static void connect_now(wr_publisher *p) {
-    char err[256];
+static int connect_now(wr_publisher *p, char *err, size_t errlen) {
     p->state = P_CONNECTING;
-    if (wr_wire_open(p->wire, p->url, p->heartbeat, CONNECT_SECONDS, err, sizeof err)) {
-        p->state = P_DOWN;
-        wr_warn("publishing: %s", err);
-    }
+    if (wr_wire_open(p->wire, p->url, p->heartbeat, CONNECT_SECONDS, err, errlen) == 0) return 0;
+    p->state = P_DOWN;
+    return -1;
 }
 
 uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn cb, void *ctx,
@@ -293,6 +295,10 @@ uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn 
         snprintf(name, sizeof name, "%.*s", (int)m->exchange.len, (char *)m->exchange.bytes);
         if (!(m->need = find_need(p, false, name))) goto nomem;
     }
+    if (p->state == P_DOWN && connect_now(p, err, errlen)) {
+        free_msg(m);
+        return 0;
+    }
     m->id = ++p->next_id;
     m->cb = cb;
     m->ctx = ctx;
@@ -301,10 +307,7 @@ uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn 
     else
         p->queued = m;
     p->queued_tail = m;
-    if (p->state == P_DOWN)
-        connect_now(p);
-    else
-        write_queued(p);
+    write_queued(p);
     return m->id;
 nomem:
     if (m) free_msg(m);
