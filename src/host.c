@@ -371,7 +371,9 @@ int wr_host_run(const wr_config *cfg) {
     host hs = {0}, *h = &hs;
     char err[512];
     h->cfg = cfg;
-    h->loop = ev_default_loop(0);
+    /* Not the default loop: libev's default loop reaps every child on
+     * SIGCHLD, which would take io.popen's and os.execute's exit status. */
+    h->loop = ev_loop_new(EVFLAG_AUTO);
     if (!h->loop) {
         wr_error("cannot initialise the event loop");
         return WR_EXIT_UNAVAILABLE;

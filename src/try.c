@@ -104,12 +104,14 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
 int wr_try(const wr_config *cfg) {
     char err[512];
     trial t = {0};
-    struct ev_loop *loop = ev_default_loop(0);
-    wr_sched *s = wr_sched_new(loop, on_done, &t);
+    /* Not libev's default loop, which reaps every child (see wr_host_run). */
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    wr_sched *s = loop ? wr_sched_new(loop, on_done, &t) : NULL;
     wr_vm *vm = s ? wr_vm_load(cfg->script, 1, s, err, sizeof err) : NULL;
     if (!vm) {
         fprintf(stderr, "%s\n", s ? err : "out of memory");
         wr_sched_free(s);
+        if (loop) ev_loop_destroy(loop);
         return WR_EXIT_CONFIG;
     }
     t.sched = s;
@@ -137,6 +139,7 @@ int wr_try(const wr_config *cfg) {
     wr_vm_unref(vm);
     wr_sched_free(s);
     wr_spawn_shutdown();
+    ev_loop_destroy(loop);
     if (t.stopped) return WR_EXIT_TEMPFAIL;
     return all_acked ? 0 : 1;
 }
