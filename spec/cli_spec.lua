@@ -31,6 +31,18 @@ describe("warren check", function()
     assert.equal(path .. ": ok\n", out)
   end)
 
+  it("exits 78 for a script that cannot load under --memory-limit, and loads it without", function()
+    local path = H.script("local big = {}\nfor i = 1, 1e6 do big[i] = i .. '' end\n"
+      .. "function handle() end\n")
+    local code, out, err = H.run({ "--memory-limit", "4", "check", path }, { split = true })
+    assert.equal(78, code)
+    assert.equal("", out)
+    assert.equal(path .. ": not enough memory to load it under the memory limit of 4 MB\n", err)
+    code, out = H.run({ "check", path }, { split = true })
+    assert.equal(0, code)
+    assert.equal(path .. ": ok\n", out)
+  end)
+
   it("only loads: a handler that throws passes", function()
     local path = H.script("function handle(body, msg) error('boom') end\n")
     local code, out, err = H.run({ "check", path }, { split = true })
