@@ -31,6 +31,18 @@ describe("warren check", function()
     assert.equal(path .. ": ok\n", out)
   end)
 
+  it("exits 78 for a script that cannot load under --memory-limit, and loads it without", function()
+    local path = H.script("local big = {}\nfor i = 1, 1e6 do big[i] = i .. '' end\n"
+      .. "function handle() end\n")
+    local code, out, err = H.run({ "--memory-limit", "4", "check", path }, { split = true })
+    assert.equal(78, code)
+    assert.equal("", out)
+    assert.equal(path .. ": not enough memory to load it under the memory limit of 4 MB\n", err)
+    code, out = H.run({ "check", path }, { split = true })
+    assert.equal(0, code)
+    assert.equal(path .. ": ok\n", out)
+  end)
+
   it("only loads: a handler that throws passes", function()
     local path = H.script("function handle(body, msg) error('boom') end\n")
     local code, out, err = H.run({ "check", path }, { split = true })
@@ -154,7 +166,7 @@ end
     }, got)
   end)
 
-  it("prints requeue for a handler that throws, with the error and its traceback, and exits 1",
+  it("prints retry for a handler that throws, with the error, its traceback and the decision",
     function()
     local path = H.script([[local function inner(body)
   error("bad body " .. body)
@@ -165,10 +177,11 @@ end
 ]])
     local code, out, err = H.run({ "try", path, "fine", "x1", "also fine" }, { split = true })
     assert.equal(1, code)
-    assert.equal("try-1: ack\ntry-2: requeue\ntry-3: ack\n", out)
+    assert.equal("try-1: ack\ntry-2: retry\ntry-3: ack\n", out)
     local p = literal(path)
     assert.matches("error job try%-2 %(tag 2%) failed: " .. p .. ":2: bad body x1\n"
       .. "stack traceback:\n", err)
+    assert.matches("warn  job try-2 (tag 2) failed: retry in 1 s as attempt 1 of 5\n", err, 1, true)
     assert.matches("\n\t" .. p .. ":2: in upvalue 'inner'\n", err)
     assert.matches("\n\t" .. p .. ":5: in function 'handle'", err)
     assert.is_nil(err:find("fine", 1, true))
@@ -184,6 +197,45 @@ end
     local code, out = H.run({ "try", path, "reject", "requeue", "ok" }, { split = true })
     assert.equal(1, code)
     assert.equal("try-1: reject\ntry-2: requeue\ntry-3: ack\n", out)
+  end)
+
+  it("shows what the failure policy does with a failing or timed-out body", function()
+    local path = H.script([[local warren = require "warren"
+function handle(body)
+  if body == "fail" then error("no") end
+  if body == "slow" then warren.sleep(10) end
+  if body == "hog" then local t = {} for i = 1, 1e8 do t[i] = ("x"):rep(64) .. i end end
+end
+]])
+    local cases = {
+      { {}, "retry", "failed: retry in 1 s as attempt 1 of 5" },
+      { { "--max-retries", "3", "--on-error", "retry" }, "retry",
+        "failed: retry in 1 s as attempt 1 of 3" },
+      { { "--max-retries", "0" }, "reject", "failed: reject, 0 of 0 retries used" },
+      { { "--on-error", "requeue" }, "requeue", "failed: requeue at once (--on-error requeue)" },
+      { { "--on-error", "reject" }, "reject", "failed: reject (--on-error reject)" },
+    }
+    for _, case in ipairs(cases) do
+      local args = { "try", path, "fail", "ok" }
+      for i, a in ipairs(case[1]) do table.insert(args, i, a) end
+      local code, out, err = H.run(args, { split = true })
+      assert.equal(1, code)
+      assert.equal("try-1: " .. case[2] .. "\ntry-2: ack\n", out)
+      assert.matches("job try-1 (tag 1) " .. case[3] .. "\n", err, 1, true)
+    end
+    local t0 = H.now()
+    local code, out, err = H.run({ "--job-timeout", "0.5", "try", path, "slow" }, { split = true })
+    assert.equal(1, code)
+    assert.equal("try-1: retry\n", out)
+    assert.is_true(H.now() - t0 < 3, "the timeout took " .. (H.now() - t0) .. " s")
+    assert.matches("error job try-1 (tag 1) timed out: ran longer than 0.5 s (--job-timeout)\n",
+      err, 1, true)
+    assert.matches("job try-1 (tag 1) timed out: retry in 1 s as attempt 1 of 5\n", err, 1, true)
+    code, out, err = H.run({ "--memory-limit", "16", "try", path, "hog", "ok" }, { split = true })
+    assert.equal(1, code)
+    assert.equal("try-1: retry\ntry-2: ack\n", out)
+    assert.matches("job try-1 (tag 1) ran out of memory: retry in 1 s as attempt 1 of 5\n", err,
+      1, true)
   end)
 
   it("sleeps for real, one body after another", function()
@@ -258,6 +310,9 @@ describe("warren --help and --version", function()
       assert.matches("warren check SCRIPT%.lua", out)
       assert.matches("warren try SCRIPT%.lua %[BODY%.%.%]", out)
       assert.matches("--no-watch", out, 1, true)
+      for _, option in ipairs({ "--on-error POLICY", "--job-timeout SECS", "--memory-limit MB" }) do
+        assert.matches(option, out, 1, true)
+      end
       assert.matches("78 the script does not load", out, 1, true)
     end
   end)

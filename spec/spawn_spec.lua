@@ -193,6 +193,39 @@ describe("warren.spawn", function()
     assert.matches("warren.spawn can only be called from a job's own coroutine", out, 1, true)
   end)
 
+  it("leaves io.popen and os.execute their exit status across a wait, beside a spawn", function()
+    local q = H.queue("popen")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        if body == "spawn" then
+          local r = assert(warren.spawn({ "sh", "-c", "sleep 0.1; exit 5" }))
+          record(msg.message_id, "spawn", r.status)
+          return
+        end
+        local f = io.popen("echo out; exit 3")
+        warren.sleep(0.3) -- the child exits, and SIGCHLD arrives, while the loop runs
+        local text = f:read("a")
+        local ok, how, code = f:close()
+        record(msg.message_id, "popen", tostring(ok), how, code, (text:gsub("\n", "|")))
+        ok, how, code = os.execute("exit 4")
+        record(msg.message_id, "execute", tostring(ok), how, code)
+      end]])
+    H.publish(q, 1, { prefix = "p", body = "popen" })
+    H.publish(q, 1, { prefix = "s", body = "spawn" })
+    local proc = H.worker(script, q, { "--prefetch", "2" }, { [H.RECORD_ENV] = rec })
+    H.wait_until(function() return #H.records(rec) == 3 end, 10, "both jobs")
+    local got = {}
+    for _, r in ipairs(H.records(rec)) do got[r[1] .. " " .. r[2]] = table.concat(r, " ", 3) end
+    assert.same({
+      ["p1 popen"] = "nil exit 3 out|",
+      ["p1 execute"] = "nil exit 4",
+      ["s1 spawn"] = "5",
+    }, got)
+    assert.equal(0, H.term(proc))
+  end)
+
   -- A job whose child writes a pid to $PIDFILE (renamed into place) and sleeps 30 s, as MODE says:
   -- plain: the child becomes the sleep; stubborn: likewise, ignoring SIGTERM; orphan: the child
   -- exits at once and leaves the sleep, ignoring SIGTERM, holding its stdout (the job waits on).

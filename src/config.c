@@ -26,7 +26,14 @@ const char wr_usage[] =
     "      --connect-timeout SECS keep trying to reach the broker at start-up (default 30,\n"
     "                             0 = forever)\n"
     "      --declare              declare the queue (durable) if it is missing\n"
-    "      --max-retries N        warren.retry rejects a message retried this often (default 5)\n"
+    "      --on-error POLICY      what a failed job's message becomes: retry (a delayed copy,\n"
+    "                             1 s, 5 s, 30 s, 2 min, then 10 min), requeue or reject\n"
+    "                             (default retry)\n"
+    "      --max-retries N        reject a message retried this often (default 5)\n"
+    "      --job-timeout SECS     a job running longer fails (default 1500, below the broker's\n"
+    "                             consumer_timeout of 30 min; 0 = no limit)\n"
+    "      --memory-limit MB      memory each script version's Lua state may hold; an\n"
+    "                             allocation past it fails its job (default 0 = no limit)\n"
     "      --no-watch             do not reload the script when its files change\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
     "\n"
@@ -113,6 +120,9 @@ enum opt_id {
     OPT_CONNECT_TIMEOUT,
     OPT_DECLARE,
     OPT_MAX_RETRIES,
+    OPT_ON_ERROR,
+    OPT_JOB_TIMEOUT,
+    OPT_MEMORY_LIMIT,
     OPT_NO_WATCH,
     OPT_LOG_LEVEL,
     OPT_COUNT
@@ -132,6 +142,9 @@ static const struct option_spec {
     [OPT_CONNECT_TIMEOUT] = {0, "connect-timeout", "WARREN_CONNECT_TIMEOUT", true},
     [OPT_DECLARE] = {0, "declare", "WARREN_DECLARE", false},
     [OPT_MAX_RETRIES] = {0, "max-retries", "WARREN_MAX_RETRIES", true},
+    [OPT_ON_ERROR] = {0, "on-error", "WARREN_ON_ERROR", true},
+    [OPT_JOB_TIMEOUT] = {0, "job-timeout", "WARREN_JOB_TIMEOUT", true},
+    [OPT_MEMORY_LIMIT] = {0, "memory-limit", "WARREN_MEMORY_LIMIT", true},
     [OPT_NO_WATCH] = {0, "no-watch", "WARREN_NO_WATCH", false},
     [OPT_LOG_LEVEL] = {0, "log-level", "WARREN_LOG_LEVEL", true},
 };
@@ -168,6 +181,20 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
     case OPT_MAX_RETRIES:
         if (parse_int(v, 0, 1000000, &c->max_retries))
             return fail(err, errlen, "%s: expected a whole number from 0, got '%s'", from, v);
+        return 0;
+    case OPT_ON_ERROR:
+        if (wr_on_error_parse(v, &c->on_error))
+            return fail(err, errlen, "%s: expected retry, requeue or reject, got '%s'", from, v);
+        return 0;
+    case OPT_JOB_TIMEOUT:
+        if (parse_seconds(v, &c->job_timeout))
+            return fail(err, errlen, "%s: expected seconds (e.g. 600, 0 = no limit), got '%s'",
+                        from, v);
+        return 0;
+    case OPT_MEMORY_LIMIT:
+        if (parse_int(v, 0, 1048576, &c->memory_limit))
+            return fail(err, errlen, "%s: expected whole megabytes (0 = no limit), got '%s'", from,
+                        v);
         return 0;
     case OPT_DECLARE:
         if (parse_bool(v, &c->declare))
@@ -210,6 +237,11 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
     c->heartbeat = 10;
     c->connect_timeout = 30;
     c->max_retries = 5;
+    c->on_error = WR_ON_ERROR_RETRY;
+    /* Below RabbitMQ's default consumer_timeout (30 min): a job that runs
+     * longer fails alone, before the broker closes the channel it came on
+     * and with it every other job of the channel. */
+    c->job_timeout = 1500;
     c->watch = true;
     c->log_level = WR_LOG_INFO;
 

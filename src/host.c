@@ -8,6 +8,7 @@
 #include "warren/broker.h"
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/retry.h"
 #include "warren/spawn.h"
 #include "warren/vm.h"
 
@@ -27,7 +28,8 @@ typedef struct host {
     struct ev_loop *loop;
     wr_broker *broker;
     wr_sched *sched;
-    wr_vm *vm; /* the current version; jobs pin their own */
+    wr_retrier *retrier; /* failed jobs' messages waiting for their retry copy's confirm */
+    wr_vm *vm;           /* the current version; jobs pin their own */
     unsigned last_version;
     host_state state;
     int exit_code;
@@ -45,6 +47,12 @@ typedef struct host {
     ev_stat watches[MAX_WATCHES];
     size_t nwatches;
 } host;
+
+/* Messages not settled yet: running jobs, and failed ones whose retry copy
+ * awaits its confirm. Both hold delivery tags of the channel. */
+static size_t in_flight(const host *h) {
+    return wr_sched_running(h->sched) + wr_retrier_pending(h->retrier);
+}
 
 static void stop(host *h, int code) {
     h->state = STOPPED;
@@ -151,7 +159,7 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     if (h->state != RUNNING || h->consuming) return;
     /* Jobs still running hold tags of this channel; a failed re-consume
      * closes it. Let them finish first, as a cancel promises. */
-    if (wr_sched_running(h->sched) > 0 || wr_broker_consume(h->broker)) {
+    if (in_flight(h) > 0 || wr_broker_consume(h->broker)) {
         ev_timer_set(&h->retry_timer, BACKOFF_MIN, 0);
         ev_timer_start(loop, &h->retry_timer);
     }
@@ -180,10 +188,11 @@ static void on_cancelled(void *ud) {
 
 static void on_lost(void *ud, const char *why) {
     host *h = ud;
-    size_t n = wr_sched_running(h->sched);
+    size_t n = in_flight(h);
     wr_warn("connection lost: %s; %zu jobs in flight are interrupted and will be redelivered", why,
             n);
     wr_sched_interrupt_all(h->sched);
+    wr_retrier_abandon(h->retrier);
     wr_broker_abort(h->broker);
     if (h->state == DRAINING || h->state == CLOSING) {
         /* Whether the acks sent so far were processed cannot be known. */
@@ -205,18 +214,59 @@ static const char *outcome_name(wr_outcome o) {
         return "requeued";
     case WR_OUT_REJECT:
         return "rejected";
+    case WR_OUT_FAILED:
+        return "failed";
     default:
         return "interrupted, handed back";
     }
 }
 
+/* Logs "job ID (tag N) " and then the rest. */
+#define LOG_JOB(level, d, fmt, ...)                                                                \
+    wr_log(level, "job %.*s%s(tag %llu) " fmt, (int)(d)->props.message_id.len,                     \
+           (d)->props.message_id.len ? (char *)(d)->props.message_id.bytes : "",                   \
+           (d)->props.message_id.len ? " " : "", (unsigned long long)(d)->tag, __VA_ARGS__)
+
+/* The end of the drain, once nothing is in flight any more. */
+static void maybe_drained(host *h) {
+    if (h->state == DRAINING && in_flight(h) == 0) ev_timer_start(h->loop, &h->stop_timer);
+}
+
+/* A failed job's message: the failure policy decides. Returns how to settle
+ * it now, or -1 when a retry copy is on its way and on_retried settles it. */
+static int after_failure(host *h, wr_job *job) {
+    wr_delivery *d = job->delivery;
+    wr_verdict v = wr_policy_decide(h->cfg->on_error, wr_job_failure(job), wr_retry_count(d),
+                                    h->cfg->max_retries);
+    char what[160], err[300];
+    wr_verdict_describe(&v, what, sizeof what);
+    LOG_JOB(WR_LOG_WARN, d, "%s", what);
+    if (v.action == WR_VERDICT_REJECT) return WR_SETTLE_REJECT;
+    if (v.action == WR_VERDICT_REQUEUE) return WR_SETTLE_REQUEUE;
+    if (wr_retrier_send(h->retrier, d, v.delay_ms, err, sizeof err) == 0) return -1;
+    LOG_JOB(WR_LOG_ERROR, d, "cannot publish its retry copy (%s); requeueing it", err);
+    return WR_SETTLE_REQUEUE;
+}
+
+/* The broker answered for a retry copy, or the wait for it was given up:
+ * the original is acked, or handed back. */
+static void on_retried(void *ud, wr_delivery *d, const char *err) {
+    host *h = ud;
+    if (err) LOG_JOB(WR_LOG_WARN, d, "retry copy not confirmed (%s); handing it back", err);
+    wr_broker_settle(h->broker, d, err ? WR_SETTLE_REQUEUE : WR_SETTLE_ACK);
+    wr_broker_release(h->broker, d);
+    maybe_drained(h);
+}
+
 static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
     host *h = ud;
     wr_delivery *d = job->delivery;
-    wr_settle how = outcome == WR_OUT_ACK      ? WR_SETTLE_ACK
-                    : outcome == WR_OUT_REJECT ? WR_SETTLE_REJECT
-                                               : WR_SETTLE_REQUEUE;
-    bool settled = wr_broker_settle(h->broker, d, how) == 0;
+    int how = outcome == WR_OUT_ACK      ? WR_SETTLE_ACK
+              : outcome == WR_OUT_REJECT ? WR_SETTLE_REJECT
+              : outcome == WR_OUT_FAILED ? after_failure(h, job)
+                                         : WR_SETTLE_REQUEUE;
+    if (how < 0) return; /* on_retried settles it */
+    bool settled = wr_broker_settle(h->broker, d, (wr_settle)how) == 0;
     if (outcome == WR_OUT_INTERRUPTED) h->interrupted++;
     wr_log_level level = h->state == DRAINING ? WR_LOG_INFO : WR_LOG_DEBUG;
     if (wr_log_enabled(level)) {
@@ -228,14 +278,13 @@ static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
                wr_sched_running(h->sched));
     }
     wr_broker_release(h->broker, d);
-    if (h->state == DRAINING && wr_sched_running(h->sched) == 0)
-        ev_timer_start(h->loop, &h->stop_timer);
+    maybe_drained(h);
 }
 
 static void stop_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     (void)loop, (void)revents;
     host *h = w->data;
-    if (h->state != DRAINING || wr_sched_running(h->sched)) return;
+    if (h->state != DRAINING || in_flight(h)) return;
     wr_info("drained: all jobs finished; closing the connection");
     if (wr_broker_close(h->broker, CLOSE_TIMEOUT)) {
         wr_warn("not connected: the last acks may not have reached the broker");
@@ -259,11 +308,12 @@ static void on_closed(void *ud, bool clean) {
 }
 
 static void force(host *h, const char *reason) {
-    size_t n = wr_sched_running(h->sched);
+    size_t n = wr_sched_running(h->sched), retrying = wr_retrier_pending(h->retrier);
     wr_warn("forced exit (%s): interrupting %zu jobs", reason, n);
     unsigned before = h->interrupted;
     wr_sched_interrupt_all(h->sched);
-    wr_warn("handed back %u messages; exiting", h->interrupted - before);
+    wr_retrier_abandon(h->retrier);
+    wr_warn("handed back %zu messages; exiting", h->interrupted - before + retrying);
     wr_broker_abort(h->broker);
     stop(h, WR_EXIT_TEMPFAIL);
 }
@@ -277,7 +327,7 @@ static void drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 }
 
 static void drain(host *h, const char *signame) {
-    size_t n = wr_sched_running(h->sched);
+    size_t n = in_flight(h);
     if (h->state != RUNNING) {
         /* Not connected: nothing can be in flight. */
         wr_info("received %s while not connected; exiting", signame);
@@ -407,7 +457,9 @@ int wr_host_run(const wr_config *cfg) {
     host hs = {0}, *h = &hs;
     char err[512];
     h->cfg = cfg;
-    h->loop = ev_default_loop(0);
+    /* Not the default loop: libev's default loop reaps every child on
+     * SIGCHLD, which would take io.popen's and os.execute's exit status. */
+    h->loop = ev_loop_new(EVFLAG_AUTO);
     if (!h->loop) {
         wr_error("cannot initialise the event loop");
         return WR_EXIT_UNAVAILABLE;
@@ -416,18 +468,27 @@ int wr_host_run(const wr_config *cfg) {
     static const wr_broker_events events = {on_consuming, on_failed, on_delivery,
                                             on_cancelled, on_lost,   on_closed};
     h->broker = h->sched ? wr_broker_new(h->loop, cfg, &events, h) : NULL;
-    if (!h->broker) {
+    h->retrier = h->broker
+                     ? wr_retrier_new(wr_broker_publisher(h->broker), cfg->queue, on_retried, h)
+                     : NULL;
+    if (!h->retrier) {
         wr_error("out of memory");
+        if (h->broker) wr_broker_free(h->broker);
         wr_sched_free(h->sched);
+        ev_loop_destroy(h->loop);
         return WR_EXIT_UNAVAILABLE;
     }
     wr_sched_set_context(h->sched, cfg, wr_broker_publisher(h->broker));
+    wr_sched_set_job_timeout(h->sched, cfg->job_timeout);
+    wr_vm_set_memory_limit(cfg->memory_limit);
     h->last_version = 1;
     h->vm = wr_vm_load(cfg->script, 1, h->sched, err, sizeof err);
     if (!h->vm) {
         wr_error("%s", err);
+        wr_retrier_free(h->retrier);
         wr_broker_free(h->broker);
         wr_sched_free(h->sched);
+        ev_loop_destroy(h->loop);
         return WR_EXIT_CONFIG;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -454,9 +515,14 @@ int wr_host_run(const wr_config *cfg) {
     wr_spawn_shutdown(); /* no child outlives warren */
 
     unwatch_files(h);
+    wr_retrier_free(h->retrier); /* every way out of the loop settled or abandoned its copies */
     wr_broker_free(h->broker);
     wr_sched_free(h->sched);
     wr_vm_unref(h->vm);
+    /* Signal handlers outlive the loop: a late signal must not reach it. */
+    ev_signal_stop(h->loop, &h->sigint);
+    ev_signal_stop(h->loop, &h->sigterm);
+    ev_signal_stop(h->loop, &h->sighup);
     ev_loop_destroy(h->loop);
     return h->exit_code;
 }

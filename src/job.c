@@ -1,6 +1,7 @@
 #include "warren/job.h"
 
 #include <lauxlib.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -25,6 +26,7 @@ struct wr_sched {
     ev_check check;             /* resumes ready jobs after each poll */
     const struct wr_config *cfg;
     struct wr_publisher *pub;
+    double job_timeout; /* seconds, 0 = none */
 };
 
 static double now(void) {
@@ -125,6 +127,10 @@ void wr_sched_free(wr_sched *s) {
     free(s);
 }
 
+void wr_sched_set_job_timeout(wr_sched *s, double seconds) {
+    s->job_timeout = seconds;
+}
+
 void wr_sched_set_context(wr_sched *s, const struct wr_config *cfg, struct wr_publisher *pub) {
     s->cfg = cfg;
     s->pub = pub;
@@ -156,6 +162,14 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     run(j, 0);
 }
 
+static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    wr_job *j = w->data;
+    char why[96];
+    snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
+    wr_job_fail(j, WR_FAIL_TIMEOUT, why);
+}
+
 int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d) {
     wr_job *j = calloc(1, sizeof *j);
     if (!j) return -1;
@@ -170,10 +184,16 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d) {
     j->vm = vm;
     j->delivery = d;
     j->decided = -1;
+    j->failure = -1;
     wr_vm_ref(vm);
     *job_slot(j->co) = j;
     ev_timer_init(&j->timer, timer_cb, 0, 0);
-    j->timer.data = j;
+    ev_timer_init(&j->deadline, deadline_cb, s->job_timeout, 0);
+    j->timer.data = j->deadline.data = j;
+    if (s->job_timeout > 0) {
+        ev_now_update(s->loop); /* counted from now, not from the loop's last wake-up */
+        ev_timer_start(s->loop, &j->deadline);
+    }
     j->next = s->jobs;
     if (s->jobs) s->jobs->prev = j;
     s->jobs = j;
@@ -186,14 +206,19 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d) {
     return 0;
 }
 
+/* Logs "job ID (tag N) WHAT: DETAIL". */
+static void log_failure(const wr_job *j, const char *what, const char *detail) {
+    const amqp_bytes_t id = j->delivery->props.message_id;
+    wr_error("job %.*s%s(tag %llu) %s: %s", (int)id.len, id.len ? (const char *)id.bytes : "",
+             id.len ? " " : "", (unsigned long long)j->delivery->tag, what, detail);
+}
+
 /* Logs a failed job with the error and the coroutine's traceback. */
 static void report_error(wr_job *j) {
     lua_State *co = j->co;
     const char *msg = luaL_tolstring(co, -1, NULL);
     luaL_traceback(co, co, msg, 0);
-    const amqp_bytes_t id = j->delivery->props.message_id;
-    wr_error("job %.*s%s(tag %llu) failed: %s", (int)id.len, id.len ? (const char *)id.bytes : "",
-             id.len ? " " : "", (unsigned long long)j->delivery->tag, lua_tostring(co, -1));
+    log_failure(j, "failed", lua_tostring(co, -1));
 }
 
 /* Resumes the job's coroutine with the nargs values on top of its stack (the
@@ -204,7 +229,15 @@ static void run(wr_job *j, int nargs) {
     int nres;
     j->wait = WR_WAIT_NONE;
     j->resumed_at = now();
+    j->running = true;
+    bool limited = wr_vm_limit_memory(j->vm, true);
     int status = lua_resume(co, NULL, nargs, &nres);
+    wr_vm_limit_memory(j->vm, limited);
+    j->running = false;
+    if (j->failure >= 0) { /* failed from a hook (wr_job_fail): that is how it ends */
+        finish(j, WR_OUT_FAILED, status != LUA_OK && status != LUA_YIELD);
+        return;
+    }
     if (status == LUA_YIELD) {
         lua_pop(co, nres);
         /* A bare coroutine.yield() in handle: treat it as giving up a slice. */
@@ -215,8 +248,15 @@ static void run(wr_job *j, int nargs) {
         finish(j, j->decided >= 0 ? (wr_outcome)j->decided : WR_OUT_ACK, false);
         return;
     }
-    report_error(j);
-    finish(j, j->delivery->redelivered ? WR_OUT_REJECT : WR_OUT_REQUEUE, true);
+    if (status == LUA_ERRMEM) {
+        /* No traceback: building one needs the memory that just ran out. */
+        j->failure = WR_FAIL_MEMORY;
+        log_failure(j, "failed", "not enough memory");
+    } else {
+        j->failure = WR_FAIL_ERROR;
+        report_error(j);
+    }
+    finish(j, WR_OUT_FAILED, true);
 }
 
 /* Closes the coroutine so its pending <close> variables run; a failing
@@ -230,6 +270,7 @@ static void close_coroutine(wr_job *j, bool failed) {
 static void finish(wr_job *j, wr_outcome outcome, bool failed) {
     wr_sched *s = j->sched;
     ev_timer_stop(s->loop, &j->timer);
+    ev_timer_stop(s->loop, &j->deadline);
     unready(j);
     if (j->cancel) {
         wr_wait_cancel cancel = j->cancel;
@@ -276,6 +317,20 @@ int wr_job_sleep(lua_State *L, wr_job *j, double seconds) {
     ev_timer_set(&j->timer, seconds, 0);
     ev_timer_start(j->sched->loop, &j->timer);
     return lua_yield(L, 0);
+}
+
+bool wr_job_fail(wr_job *j, wr_failure kind, const char *why) {
+    if (j->failure < 0) {
+        j->failure = (int)kind;
+        log_failure(j, kind == WR_FAIL_TIMEOUT ? "timed out" : "failed", why);
+    }
+    if (j->running) return false;
+    finish(j, WR_OUT_FAILED, false);
+    return true;
+}
+
+wr_failure wr_job_failure(const wr_job *j) {
+    return (wr_failure)j->failure;
 }
 
 void wr_job_decide(wr_job *j, wr_outcome outcome) {

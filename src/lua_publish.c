@@ -12,8 +12,8 @@
 #include "warren/log.h"
 #include "warren/lua_api.h"
 #include "warren/publisher.h"
+#include "warren/retry.h"
 
-#define RETRIES_HEADER "x-warren-retries"
 #define MAX_DEPTH 16
 
 /* A job waiting for a confirm. */
@@ -280,25 +280,6 @@ static int l_reply(lua_State *L) {
     return publish_table(L, "reply");
 }
 
-static lua_Integer retries_of(const wr_delivery *d) {
-    const amqp_field_value_t *v = wr_delivery_header(d, RETRIES_HEADER);
-    if (!v) return 0;
-    switch (v->kind) {
-    case AMQP_FIELD_KIND_I64:
-        return (lua_Integer)v->value.i64;
-    case AMQP_FIELD_KIND_I32:
-        return v->value.i32;
-    case AMQP_FIELD_KIND_U32:
-        return v->value.u32;
-    case AMQP_FIELD_KIND_I16:
-        return v->value.i16;
-    case AMQP_FIELD_KIND_U8:
-        return v->value.u8;
-    default:
-        return 0;
-    }
-}
-
 /* warren.retry(seconds): a copy of the message, with its retry count one
  * higher, waits in the delay queue QUEUE.retry.MS and then goes back to the
  * work queue; the original is acked once the broker confirms the copy. Past
@@ -309,7 +290,7 @@ static int l_retry(lua_State *L) {
     wr_job *j = wr_lua_need_job(L, "retry");
     const wr_delivery *d = j->delivery;
     const wr_config *cfg = wr_sched_config(j->sched);
-    lua_Integer retries = retries_of(d);
+    long retries = wr_retry_count(d);
     int max = cfg ? cfg->max_retries : 0;
     if (retries >= max) {
         wr_job_decide(j, WR_OUT_REJECT);
@@ -327,33 +308,10 @@ static int l_retry(lua_State *L) {
     }
     long ms = lround(seconds * 1000);
     const char *queue = lua_pushfstring(L, "%s.retry.%d", cfg->queue, (int)ms);
-    /* The copy: same body and properties, headers with the count raised. */
     amqp_pool_t *pool = new_pool(L);
-    wr_message m = {.body = d->body,
-                    .props = d->props,
-                    .mandatory = true,
-                    .delay_queue = queue,
-                    .delay_ms = ms,
-                    .delay_target = cfg->queue};
-    const amqp_table_t *old = &d->props.headers;
-    amqp_table_entry_t *entries =
-        amqp_pool_alloc(pool, (size_t)(old->num_entries + 1) * sizeof *entries);
-    int n = 0;
-    for (int i = 0; i < old->num_entries; i++) {
-        amqp_bytes_t k = old->entries[i].key;
-        if (k.len == strlen(RETRIES_HEADER) && !memcmp(k.bytes, RETRIES_HEADER, k.len)) continue;
-        entries[n++] = old->entries[i];
-    }
-    entries[n].key = amqp_cstring_bytes(RETRIES_HEADER);
-    entries[n].value.kind = AMQP_FIELD_KIND_I64;
-    entries[n].value.value.i64 = retries + 1;
-    m.props.headers = (amqp_table_t){n + 1, entries};
-    m.props._flags |= AMQP_BASIC_HEADERS_FLAG;
-    if (!(m.props._flags & AMQP_BASIC_DELIVERY_MODE_FLAG)) {
-        m.props.delivery_mode = 2;
-        m.props._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
-    }
-    ensure_message_id(L, &m.props);
+    wr_message m;
+    if (wr_retry_copy(&m, d, cfg->queue, queue, ms, retries, pool))
+        return luaL_error(L, "not enough memory");
     return send_and_wait(L, j, pub, &m, pool, true);
 }
 

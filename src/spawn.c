@@ -1,4 +1,4 @@
-#define _GNU_SOURCE /* pipe2, close_range */
+#define _GNU_SOURCE /* pipe2, close_range, syscall */
 #include "warren/spawn.h"
 
 #include <errno.h>
@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -39,7 +40,7 @@ typedef struct child {
     bool killed;     /* the group was sent SIGKILL */
     bool timed_out;
     bool truncated;
-    ev_child cw;
+    ev_io exit_w;   /* on the child's pidfd, readable once it has exited; fd -1 once closed */
     ev_timer timer; /* the timeout, then the grace before SIGKILL */
     capture out, err;
     ev_io in; /* in.fd is -1 once closed */
@@ -80,13 +81,20 @@ static void close_input(child *c) {
     c->input = NULL;
 }
 
+static void close_exit_watch(child *c) {
+    if (c->exit_w.fd < 0) return;
+    ev_io_stop(c->loop, &c->exit_w);
+    close(c->exit_w.fd);
+    ev_io_set(&c->exit_w, -1, EV_READ);
+}
+
 /* Stops everything the record holds and frees it; the child must have been
  * reaped, or be about to be (wr_spawn_shutdown). */
 static void free_child(child *c) {
     close_capture(c, &c->out);
     close_capture(c, &c->err);
     close_input(c);
-    ev_child_stop(c->loop, &c->cw);
+    close_exit_watch(c);
     ev_timer_stop(c->loop, &c->timer);
     free(c->out.data);
     free(c->err.data);
@@ -195,12 +203,20 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents) {
     if (n < 0 || c->input_off == c->input_len) close_input(c);
 }
 
-static void child_cb(struct ev_loop *loop, ev_child *w, int revents) {
-    (void)revents;
+/* The pidfd is readable: the child has exited. Only this exact pid is
+ * reaped, so children the script starts itself (io.popen, os.execute) keep
+ * their exit status for their own wait. */
+static void exit_cb(struct ev_loop *loop, ev_io *w, int revents) {
+    (void)loop, (void)revents;
     child *c = w->data;
-    ev_child_stop(loop, w);
+    int status;
+    pid_t r = waitpid(c->pid, &status, WNOHANG);
+    if (r == 0 || (r < 0 && errno == EINTR)) return;
+    close_exit_watch(c);
     c->exited = true;
-    c->status = w->rstatus;
+    /* ECHILD cannot happen while nothing else reaps our children; were it to,
+     * the child is gone and its status unknown: report it as killed. */
+    c->status = r < 0 ? SIGKILL : status;
     close_input(c);
     if (c->job)
         maybe_done(c);
@@ -305,7 +321,7 @@ static void say(char *err, size_t errlen, const request *rq, const char *what, i
              what ? ": " : "", strerror(e));
 }
 
-/* Starts the child on loop (the default loop). Returns its record, or NULL
+/* Starts the child on loop. Returns its record, or NULL
  * with a message in err when the program could not be started. */
 static child *start(struct ev_loop *loop, const request *rq, char *err, size_t errlen) {
     int out[2] = {-1, -1}, errp[2] = {-1, -1}, in[2] = {-1, -1}, rep[2] = {-1, -1};
@@ -340,11 +356,19 @@ static child *start(struct ev_loop *loop, const request *rq, char *err, size_t e
     ssize_t n;
     while ((n = read(rep[0], &r, sizeof r)) < 0 && errno == EINTR) {
     }
-    if (n == (ssize_t)sizeof r) {
-        /* It exits at once; the loop has not run since the fork, so libev has not reaped it. */
+    /* A pidfd tells the loop when this child, and only it, has exited
+     * (Linux 5.3); it refers to the process even once it is a zombie. */
+    bool exec_failed = n == (ssize_t)sizeof r;
+    int pidfd = exec_failed ? -1 : (int)syscall(SYS_pidfd_open, pid, 0);
+    int pidfd_errno = errno;
+    if (exec_failed || pidfd < 0) {
+        if (!exec_failed) kill(pid, SIGKILL);
+        /* It exits at once, and nothing but us reaps our children. */
         while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
         }
-        if (r.in_chdir) {
+        if (!exec_failed) {
+            say(err, errlen, rq, "pidfd_open", pidfd_errno);
+        } else if (r.in_chdir) {
             char what[300];
             snprintf(what, sizeof what, "cannot change directory to '%s'", rq->cwd);
             say(err, errlen, rq, what, r.err);
@@ -365,12 +389,12 @@ static child *start(struct ev_loop *loop, const request *rq, char *err, size_t e
     ev_io_init(&c->out.w, read_cb, out[0], EV_READ);
     ev_io_init(&c->err.w, read_cb, errp[0], EV_READ);
     ev_io_init(&c->in, write_cb, in[1], EV_WRITE);
-    ev_child_init(&c->cw, child_cb, pid, 0);
+    ev_io_init(&c->exit_w, exit_cb, pidfd, EV_READ);
     ev_timer_init(&c->timer, timer_cb, rq->timeout, 0);
-    c->out.w.data = c->err.w.data = c->in.data = c->cw.data = c->timer.data = c;
+    c->out.w.data = c->err.w.data = c->in.data = c->exit_w.data = c->timer.data = c;
     ev_io_start(loop, &c->out.w);
     ev_io_start(loop, &c->err.w);
-    ev_child_start(loop, &c->cw);
+    ev_io_start(loop, &c->exit_w);
     if (rq->timeout > 0) {
         ev_now_update(loop); /* the timeout counts from now, not from the loop's last wake-up */
         ev_timer_start(loop, &c->timer);

@@ -7,11 +7,13 @@
 
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/retry.h"
 #include "warren/spawn.h"
 #include "warren/vm.h"
 
 int wr_check(const wr_config *cfg) {
     char err[512];
+    wr_vm_set_memory_limit(cfg->memory_limit);
     wr_vm *vm = wr_vm_load(cfg->script, 1, NULL, err, sizeof err);
     if (!vm) {
         fprintf(stderr, "%s\n", err);
@@ -23,8 +25,10 @@ int wr_check(const wr_config *cfg) {
 }
 
 typedef struct trial {
+    const wr_config *cfg;
     int done;
     wr_outcome outcome;
+    wr_verdict verdict; /* when the outcome is WR_OUT_FAILED */
     wr_sched *sched;
     bool stopped; /* a signal interrupted the job: run no more bodies */
     ev_signal sigint, sigterm;
@@ -40,15 +44,29 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     wr_sched_interrupt_all(t->sched);
 }
 
+/* A failed job: logs what the failure policy would do with its message in
+ * the worker, as the worker logs it. */
 static void on_done(void *ud, wr_job *job, wr_outcome outcome) {
-    (void)job;
     trial *t = ud;
     t->done = 1;
     t->outcome = outcome;
+    if (outcome != WR_OUT_FAILED) return;
+    t->verdict = wr_policy_decide(t->cfg->on_error, wr_job_failure(job),
+                                  wr_retry_count(job->delivery), t->cfg->max_retries);
+    char what[160];
+    wr_verdict_describe(&t->verdict, what, sizeof what);
+    amqp_bytes_t id = job->delivery->props.message_id;
+    wr_warn("job %.*s (tag %llu) %s", (int)id.len, (char *)id.bytes,
+            (unsigned long long)job->delivery->tag, what);
 }
 
-static const char *name(wr_outcome o) {
-    switch (o) {
+/* The outcome line's word: for a failed job, what the policy decided. */
+static const char *name(const trial *t) {
+    static const char *const verdicts[] = {[WR_VERDICT_RETRY] = "retry",
+                                           [WR_VERDICT_REQUEUE] = "requeue",
+                                           [WR_VERDICT_REJECT] = "reject"};
+    if (t->outcome == WR_OUT_FAILED) return verdicts[t->verdict.action];
+    switch (t->outcome) {
     case WR_OUT_ACK:
         return "ack";
     case WR_OUT_REQUEUE:
@@ -94,7 +112,7 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
         ev_run(loop, EVRUN_ONCE);
     ev_signal_stop(loop, &t->sigint);
     ev_signal_stop(loop, &t->sigterm);
-    printf("%s: %s\n", id, name(t->outcome));
+    printf("%s: %s\n", id, name(t));
     fflush(stdout);
     t->done = 0;
     wr_delivery_release(a, d);
@@ -103,16 +121,20 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
 
 int wr_try(const wr_config *cfg) {
     char err[512];
-    trial t = {0};
-    struct ev_loop *loop = ev_default_loop(0);
-    wr_sched *s = wr_sched_new(loop, on_done, &t);
+    trial t = {.cfg = cfg};
+    /* Not libev's default loop, which reaps every child (see wr_host_run). */
+    struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+    wr_sched *s = loop ? wr_sched_new(loop, on_done, &t) : NULL;
+    wr_vm_set_memory_limit(cfg->memory_limit);
     wr_vm *vm = s ? wr_vm_load(cfg->script, 1, s, err, sizeof err) : NULL;
     if (!vm) {
         fprintf(stderr, "%s\n", s ? err : "out of memory");
         wr_sched_free(s);
+        if (loop) ev_loop_destroy(loop);
         return WR_EXIT_CONFIG;
     }
     t.sched = s;
+    wr_sched_set_job_timeout(s, cfg->job_timeout);
     ev_signal_init(&t.sigint, signal_cb, SIGINT);
     ev_signal_init(&t.sigterm, signal_cb, SIGTERM);
     t.sigint.data = t.sigterm.data = &t;
@@ -137,6 +159,7 @@ int wr_try(const wr_config *cfg) {
     wr_vm_unref(vm);
     wr_sched_free(s);
     wr_spawn_shutdown();
+    ev_loop_destroy(loop);
     if (t.stopped) return WR_EXIT_TEMPFAIL;
     return all_acked ? 0 : 1;
 }

@@ -2,6 +2,7 @@
 
 #include <lauxlib.h>
 #include <lualib.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,40 @@
 
 static int alive;
 static double load_deadline;
+static size_t memory_limit;
+
+void wr_vm_set_memory_limit(int megabytes) {
+    size_t mb = megabytes > 0 ? (size_t)megabytes : 0;
+    memory_limit = mb > SIZE_MAX >> 20 ? SIZE_MAX : mb << 20;
+}
+
+bool wr_vm_limit_memory(wr_vm *vm, bool on) {
+    bool was = vm->mem.enforced;
+    vm->mem.enforced = on;
+    return was;
+}
+
+/* Lua's allocator with a count of the bytes in use: growing past the limit
+ * fails (Lua then collects garbage and tries once more before it raises
+ * "not enough memory"); shrinking and freeing never fail, as Lua requires. */
+static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    wr_vm_memory *m = ud;
+    size_t old = ptr ? osize : 0; /* for a new block, osize is the kind of object */
+    if (nsize > old && m->enforced && m->limit && m->used + (nsize - old) > m->limit) return NULL;
+    void *p = m->base(m->base_ud, ptr, osize, nsize);
+    if (p || nsize == 0) m->used = m->used - old + nsize;
+    return p;
+}
+
+/* Counts from here on what the state holds, in Lua's own accounting, so the
+ * blocks freed later that were allocated before are subtracted exactly. */
+static void count_memory(wr_vm *vm) {
+    lua_State *L = vm->L;
+    vm->mem.base = lua_getallocf(L, &vm->mem.base_ud);
+    vm->mem.used = (size_t)lua_gc(L, LUA_GCCOUNT) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB);
+    vm->mem.limit = memory_limit;
+    lua_setallocf(L, limited_alloc, &vm->mem);
+}
 
 int wr_vm_alive(void) {
     return alive;
@@ -174,6 +209,7 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
     vm->version = version;
     vm->sched = sched;
     vm->handle_ref = LUA_NOREF;
+    count_memory(vm);
     lua_State *L = vm->L;
     luaL_openlibs(L);
     set_path(L, script);
@@ -185,13 +221,20 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
         goto fail;
     }
     lua_pushcfunction(L, traceback);
-    if (luaL_loadfilex(L, script, "t") != LUA_OK) {
-        take_error(L, err, errlen);
+    wr_vm_limit_memory(vm, true);
+    int status = luaL_loadfilex(L, script, "t");
+    if (status == LUA_OK) {
+        load_deadline = now() + LOAD_TIMEOUT;
+        lua_sethook(L, load_hook, LUA_MASKCOUNT, LOAD_HOOK_COUNT);
+        status = lua_pcall(L, 0, 1, -2);
+    }
+    wr_vm_limit_memory(vm, false);
+    if (status == LUA_ERRMEM && vm->mem.limit) {
+        snprintf(err, errlen, "%s: not enough memory to load it under the memory limit of %zu MB",
+                 script, vm->mem.limit >> 20);
         goto fail;
     }
-    load_deadline = now() + LOAD_TIMEOUT;
-    lua_sethook(L, load_hook, LUA_MASKCOUNT, LOAD_HOOK_COUNT);
-    if (lua_pcall(L, 0, 1, -2) != LUA_OK) {
+    if (status != LUA_OK) {
         take_error(L, err, errlen);
         goto fail;
     }

@@ -22,6 +22,32 @@ int main(void) {
     CHECK(c.command == WR_CMD_RUN && !strcmp(c.queue, "jobs") && !strcmp(c.script, "s.lua"));
     CHECK(c.prefetch == 1 && c.drain_timeout == 5 && c.heartbeat == 10 && c.watch && !c.declare);
     CHECK(c.nurls == 1 && !strcmp(c.urls[0], "amqp://guest:guest@localhost:5672/"));
+    CHECK(c.on_error == WR_ON_ERROR_RETRY && c.max_retries == 5);
+    CHECK(c.job_timeout == 1500 && c.memory_limit == 0);
+    wr_config_free(&c);
+
+    /* The job limits and the failure policy, from flags and from the environment. */
+    CHECK(PARSE(&c, err, "-q", "a", "--job-timeout", "0.5", "--memory-limit", "64", "--on-error",
+                "reject", "s.lua") == 0);
+    CHECK(c.job_timeout == 0.5 && c.memory_limit == 64 && c.on_error == WR_ON_ERROR_REJECT);
+    wr_config_free(&c);
+    setenv("WARREN_ON_ERROR", "requeue", 1);
+    setenv("WARREN_JOB_TIMEOUT", "0", 1);
+    setenv("WARREN_MEMORY_LIMIT", "8", 1);
+    CHECK(PARSE(&c, err, "-q", "a", "s.lua") == 0);
+    CHECK(c.on_error == WR_ON_ERROR_REQUEUE && c.job_timeout == 0 && c.memory_limit == 8);
+    wr_config_free(&c);
+    unsetenv("WARREN_ON_ERROR");
+    unsetenv("WARREN_JOB_TIMEOUT");
+    unsetenv("WARREN_MEMORY_LIMIT");
+    CHECK(PARSE(&c, err, "-q", "a", "--on-error", "retries", "s.lua") == -1 &&
+          strstr(err, "--on-error") && strstr(err, "retries"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a", "--memory-limit", "1.5", "s.lua") == -1 &&
+          strstr(err, "--memory-limit"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a", "--job-timeout", "-1", "s.lua") == -1 &&
+          strstr(err, "--job-timeout"));
     wr_config_free(&c);
 
     CHECK(PARSE(&c, err, "--queue=a", "-p8", "-t", "0.5", "--declare", "--no-watch", "-u",

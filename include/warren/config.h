@@ -6,6 +6,7 @@
 #include <stddef.h>
 
 #include "warren/log.h"
+#include "warren/policy.h"
 
 /* Exit codes, from sysexits.h. */
 enum {
@@ -34,7 +35,10 @@ typedef struct wr_config {
     double drain_timeout;   /* seconds */
     int heartbeat;          /* whole seconds, 0 disables */
     double connect_timeout; /* seconds to keep trying at start-up, 0 = forever */
-    int max_retries;        /* warren.retry gives up (rejects) after this many */
+    int max_retries;        /* retries (warren.retry and the failure policy) before a reject */
+    wr_on_error on_error;   /* what a failed job's message becomes */
+    double job_timeout;     /* seconds a job may run before it fails, 0 = no limit */
+    int memory_limit;       /* MiB each script version's Lua state may hold, 0 = no limit */
     bool declare;
     bool watch; /* reload when the script changes */
     wr_log_level log_level;

@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 #include "warren/delivery.h"
+#include "warren/policy.h"
 #include "warren/vm.h"
 
 typedef enum {
@@ -18,6 +19,7 @@ typedef enum {
     WR_OUT_REQUEUE,
     WR_OUT_REJECT,
     WR_OUT_INTERRUPTED, /* cut off at a wait point: nothing was decided */
+    WR_OUT_FAILED,      /* an error, out of memory, a timeout: see wr_job_failure */
 } wr_outcome;
 
 typedef enum {
@@ -47,7 +49,10 @@ struct wr_job {
     wr_wait_cancel cancel; /* set while waiting on something other than the timer */
     void *wait_data;
     ev_timer timer;
-    int decided; /* a wr_outcome chosen by the script, or -1 */
+    ev_timer deadline; /* --job-timeout */
+    int decided;       /* a wr_outcome chosen by the script, or -1 */
+    int failure;       /* a wr_failure once the job failed, or -1 */
+    bool running;      /* its coroutine is being resumed */
     double resumed_at;
     wr_job *prev, *next; /* all running jobs */
     wr_job *next_ready;  /* jobs to resume on the next loop turn */
@@ -71,6 +76,10 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d);
 /* Interrupts every job at its wait point: waiters stop, <close> variables
  * run, and done is called with WR_OUT_INTERRUPTED. */
 void wr_sched_interrupt_all(wr_sched *s);
+
+/* Seconds a job may run before it fails as WR_FAIL_TIMEOUT; 0 = no limit.
+ * Applies to jobs started from now on. */
+void wr_sched_set_job_timeout(wr_sched *s, double seconds);
 
 /* What jobs may use beyond the loop: the configuration and the publisher
  * (NULL in `warren try`, where publishing is only logged). */
@@ -97,6 +106,19 @@ void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data);
 /* Resumes a waiting job with nargs values the caller pushed onto j->co. The
  * job may finish (and be freed) before this returns. */
 void wr_job_resume(wr_job *j, int nargs);
+
+/* Ends the job as a failure of the given kind, logged with why ("ran
+ * longer than ..."); --job-timeout uses it. A waiting job ends at once: its
+ * wait is cancelled (timer stopped, child ended, publish forgotten), its
+ * <close> variables run, and done is called with WR_OUT_FAILED; true is
+ * returned and j is gone. Called while the job's coroutine runs (from a
+ * hook), it only records the failure and returns false: the caller must then
+ * raise an error in the running coroutine, and however the job ends next
+ * (that error, or a return after a pcall caught it) it ends as this failure. */
+bool wr_job_fail(wr_job *j, wr_failure kind, const char *why);
+
+/* How the job failed; meaningful in done when the outcome is WR_OUT_FAILED. */
+wr_failure wr_job_failure(const wr_job *j);
 
 /* Records the script's explicit decision, applied when handle returns. */
 void wr_job_decide(wr_job *j, wr_outcome outcome);

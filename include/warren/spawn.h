@@ -41,7 +41,9 @@
  * The child runs in its own process group with all signals unblocked and at
  * their default dispositions, and inherits no descriptor but 0, 1 and 2. When
  * the job is interrupted, the group gets SIGTERM, then SIGKILL after the
- * grace. Needs the scheduler on libev's default loop (ev_child). */
+ * grace. The child is watched through a pidfd (Linux 5.3) and only its own
+ * pid is reaped: the loop must not be libev's default loop, whose SIGCHLD
+ * handler reaps every child (and so steals io.popen's exit status). */
 int wr_spawn_lua(lua_State *L);
 
 /* Ends every child still alive (those of interrupted jobs in their grace):

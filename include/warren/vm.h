@@ -19,8 +19,19 @@ typedef struct wr_vm_file {
     struct stat st;
 } wr_vm_file;
 
+/* The bytes a version's state holds, counted by its allocator, which
+ * refuses to go past limit while `enforced`. */
+typedef struct wr_vm_memory {
+    lua_Alloc base; /* Lua's own allocator, which does the work */
+    void *base_ud;
+    size_t used;
+    size_t limit; /* 0: none */
+    bool enforced;
+} wr_vm_memory;
+
 typedef struct wr_vm {
     lua_State *L;
+    wr_vm_memory mem;
     int refs;
     unsigned version;
     int handle_ref; /* registry reference of the script's handle function */
@@ -36,6 +47,18 @@ typedef struct wr_vm {
  * vm with one reference, or NULL with a one-line "file:line: message" in err. */
 wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, char *err,
                   size_t errlen);
+
+/* Sets the most memory, in MiB, the Lua state of each version loaded from
+ * now on may hold (--memory-limit); 0 = no limit. */
+void wr_vm_set_memory_limit(int megabytes);
+
+/* Turns the memory limit of vm on or off; returns the previous setting. It
+ * is on only while scripts run (the main chunk, a job's coroutine), where a
+ * refused allocation raises "not enough memory" in protected code: the
+ * script's error. While the host itself builds values in the state (a job's
+ * coroutine, its msg table, results handed to a job), nothing is refused,
+ * so the host never meets a memory error it could not catch. */
+bool wr_vm_limit_memory(wr_vm *vm, bool on);
 
 /* Adds a reference. */
 void wr_vm_ref(wr_vm *vm);

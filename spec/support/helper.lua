@@ -40,6 +40,7 @@ H.lua_bin = getenv("WARREN_TEST_LUA") or "lua5.4"
 H.WARREN_OPTION_VARS = {
   "WARREN_URL", "WARREN_QUEUE", "WARREN_PREFETCH", "WARREN_DRAIN_TIMEOUT", "WARREN_HEARTBEAT",
   "WARREN_DECLARE", "WARREN_LOG_LEVEL", "WARREN_WATCH", "WARREN_NO_WATCH",
+  "WARREN_MAX_RETRIES", "WARREN_ON_ERROR", "WARREN_JOB_TIMEOUT", "WARREN_MEMORY_LIMIT",
 }
 
 ---------------------------------------------------------------------------- basics
