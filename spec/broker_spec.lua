@@ -52,13 +52,14 @@ describe("the broker cannot hold the loop", function()
     local rec = H.record_file()
     H.publish(q, 1, { prefix = "pub", body = "pub" })
     H.publish(q, 1, { prefix = "tick", body = "tick" })
+    -- The body is made at load time: building it is the script's own work.
     local script = H.script(H.RECORD_LUA .. [[
       local warren = require "warren"
+      local BIG = string.rep("x", 16 * 1024 * 1024)
     ]] .. TICKER .. [[
       function handle(body, msg)
         if body == "pub" then
-          local ok, err = warren.publish{ routing_key = "]] .. out .. [[",
-                                          body = string.rep("x", 16 * 1024 * 1024) }
+          local ok, err = warren.publish{ routing_key = "]] .. out .. [[", body = BIG }
           record("published", tostring(ok), tostring(err))
         else
           tick(30)
@@ -96,6 +97,7 @@ describe("the broker cannot hold the loop", function()
     H.publish(q, 1, { prefix = "tick", body = "tick" })
     local script = H.script(H.RECORD_LUA .. [[
       local warren = require "warren"
+      local BIG = string.rep("x", 32 * 1024 * 1024)
     ]] .. TICKER .. [[
       function handle(body, msg)
         if body == "pub" then
@@ -104,8 +106,7 @@ describe("the broker cannot hold the loop", function()
           record("ready")
           warren.sleep(0.5)
           record("big")
-          local ok, err = warren.publish{ routing_key = "]] .. out .. [[",
-                                          body = string.rep("x", 16 * 1024 * 1024) }
+          local ok, err = warren.publish{ routing_key = "]] .. out .. [[", body = BIG }
           record("published", tostring(ok), tostring(err))
         else
           tick(100)

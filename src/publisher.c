@@ -29,9 +29,13 @@ typedef struct msg {
     wr_confirm_fn cb;
     void *ctx; /* cb is NULL once forgotten */
     amqp_pool_t pool;
-    amqp_bytes_t exchange, routing_key, body;
+    amqp_bytes_t exchange, routing_key;
+    amqp_bytes_t body; /* an owned copy, only while it waits to be written */
+    size_t body_len;   /* a return is matched by length and hash, not a copy */
+    uint64_t body_hash;
     amqp_basic_properties_t props;
     bool mandatory;
+    bool borrowed; /* the wire may still hold the caller's body bytes */
     need *need;
     char *returned; /* why the broker returned it */
     struct msg *next;
@@ -53,10 +57,20 @@ struct wr_publisher {
     /* A basic.return and its content, matched once the body is complete. */
     bool in_return;
     char return_text[256];
-    amqp_bytes_t ret_exchange, ret_key, ret_id, ret_body;
+    amqp_bytes_t ret_exchange, ret_key, ret_id;
     bool ret_has_id;
-    size_t ret_got;
+    size_t ret_len, ret_got;
+    uint64_t ret_hash;
 };
+
+/* FNV-1a, continued from h over n more bytes. */
+static uint64_t hash(uint64_t h, const void *bytes, size_t n) {
+    const unsigned char *b = bytes;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+#define HASH_START 0xcbf29ce484222325ull
 
 static void wire_ready(void *ud);
 static void wire_frame(void *ud, const amqp_frame_t *f);
@@ -94,18 +108,19 @@ static void clear_return(wr_publisher *p) {
     amqp_bytes_free(p->ret_exchange);
     amqp_bytes_free(p->ret_key);
     amqp_bytes_free(p->ret_id);
-    free(p->ret_body.bytes);
-    p->ret_exchange = p->ret_key = p->ret_id = p->ret_body = amqp_empty_bytes;
+    p->ret_exchange = p->ret_key = p->ret_id = amqp_empty_bytes;
     p->in_return = false;
-    p->ret_got = 0;
+    p->ret_len = p->ret_got = 0;
 }
 
 /* Completes the messages of list (unlinked already), oldest first: a
- * callback resumes a job that may publish again. */
-static void complete(msg *list, const char *err) {
+ * callback resumes a job that may publish again, or free the body it
+ * lent, so the wire lets go of it first. */
+static void complete(wr_publisher *p, msg *list, const char *err) {
     while (list) {
         msg *m = list;
         list = m->next;
+        if (m->borrowed) wr_wire_detach(p->wire, m);
         char text[300];
         const char *why = err;
         if (!why && m->returned) {
@@ -133,7 +148,7 @@ static void fail_all(wr_publisher *p, const char *why, bool silent) {
     if (silent)
         for (msg *m = list; m; m = m->next)
             m->cb = NULL;
-    complete(list, why);
+    complete(p, list, why);
 }
 
 void wr_publisher_abort(wr_publisher *p) {
@@ -216,6 +231,28 @@ static void ask(wr_publisher *p) {
     }
 }
 
+/* Hands m, with body, to the wire: a copy, or with borrow the caller's
+ * bytes, which stay valid while the caller waits for the callback (see
+ * complete and wr_publisher_forget). Returns 0, or -1 when the connection
+ * cannot take it now. */
+static int write_msg(wr_publisher *p, msg *m, amqp_bytes_t body, bool borrow) {
+    amqp_basic_publish_t pm = {
+        .exchange = m->exchange, .routing_key = m->routing_key, .mandatory = m->mandatory};
+    m->borrowed = borrow && body.len >= WR_WIRE_BORROW_MIN;
+    return wr_wire_publish(p->wire, PUBLISH, &pm, &m->props, body, m->borrowed ? m : NULL);
+}
+
+/* Appends a written m to the publishes waiting for their confirm. */
+static void in_flight(wr_publisher *p, msg *m) {
+    m->seq = ++p->next_seq;
+    m->next = NULL;
+    if (p->inflight_tail)
+        p->inflight_tail->next = m;
+    else
+        p->inflight = m;
+    p->inflight_tail = m;
+}
+
 /* Writes every queued publish whose needs are met, in order. Never calls
  * back: a failure of the write is reported by the wire later. */
 static void write_queued(wr_publisher *p) {
@@ -228,23 +265,12 @@ static void write_queued(wr_publisher *p) {
             link = &m->next;
             continue;
         }
-        amqp_basic_publish_t pm = {
-            .exchange = m->exchange, .routing_key = m->routing_key, .mandatory = m->mandatory};
-        if (wr_wire_publish(p->wire, PUBLISH, &pm, &m->props, m->body)) return;
-        /* The wire holds a copy now; the body is kept only to match a return. */
-        if (!m->mandatory) {
-            free(m->body.bytes);
-            m->body = amqp_empty_bytes;
-        }
+        if (write_msg(p, m, m->body, false)) return;
         *link = m->next;
         if (p->queued_tail == m) p->queued_tail = prev;
-        m->seq = ++p->next_seq;
-        m->next = NULL;
-        if (p->inflight_tail)
-            p->inflight_tail->next = m;
-        else
-            p->inflight = m;
-        p->inflight_tail = m;
+        free(m->body.bytes);
+        m->body = amqp_empty_bytes;
+        in_flight(p, m);
     }
     ask(p);
 }
@@ -278,9 +304,8 @@ uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn 
     if (wr_bytes_copy(&m->pool, &m->exchange) || wr_bytes_copy(&m->pool, &m->routing_key) ||
         wr_props_copy(&m->props, &in->props, &m->pool))
         goto nomem;
-    m->body.len = in->body.len;
-    if (in->body.len && !(m->body.bytes = malloc(in->body.len))) goto nomem;
-    if (in->body.len) memcpy(m->body.bytes, in->body.bytes, in->body.len);
+    m->body_len = in->body.len;
+    if (m->mandatory) m->body_hash = hash(HASH_START, in->body.bytes, in->body.len);
     if (in->delay_queue) {
         m->routing_key = amqp_cstring_bytes(in->delay_queue);
         m->exchange = amqp_empty_bytes;
@@ -302,6 +327,16 @@ uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn 
     m->id = ++p->next_id;
     m->cb = cb;
     m->ctx = ctx;
+    /* Nothing before it and nothing to wait for: straight to the wire,
+     * without a copy of the body of our own. */
+    if (p->state == P_READY && !p->queued && (!m->need || m->need->state == NEED_MET) &&
+        write_msg(p, m, in->body, true) == 0) {
+        in_flight(p, m);
+        return m->id;
+    }
+    m->body.len = in->body.len;
+    if (in->body.len && !(m->body.bytes = malloc(in->body.len))) goto nomem;
+    if (in->body.len) memcpy(m->body.bytes, in->body.bytes, in->body.len);
     if (p->queued_tail)
         p->queued_tail->next = m;
     else
@@ -325,9 +360,14 @@ void wr_publisher_forget(wr_publisher *p, uint64_t id) {
         free_msg(m);
         return;
     }
-    /* Written already: it keeps its place for the sequence numbers. */
-    for (msg *m = p->inflight; m; m = m->next)
-        if (m->id == id) m->cb = NULL;
+    /* Written already: it keeps its place for the sequence numbers, and the
+     * wire lets go of the caller's bytes. */
+    for (msg *m = p->inflight; m; m = m->next) {
+        if (m->id != id) continue;
+        m->cb = NULL;
+        if (m->borrowed) wr_wire_detach(p->wire, m);
+        m->borrowed = false;
+    }
 }
 
 static void wire_ready(void *ud) {
@@ -365,7 +405,7 @@ static void confirm(wr_publisher *p, uint64_t seq, bool multiple, const char *er
         *done_tail = m;
         done_tail = &m->next;
     }
-    complete(done, err);
+    complete(p, done, err);
 }
 
 static bool same(amqp_bytes_t a, amqp_bytes_t b) {
@@ -373,14 +413,15 @@ static bool same(amqp_bytes_t a, amqp_bytes_t b) {
 }
 
 /* A returned message is complete: the oldest in-flight publish with the
- * same exchange, routing key, id and body, not yet returned, is it. */
+ * same exchange, routing key, id and body (length and hash), not yet
+ * returned, is it. */
 static void match_return(wr_publisher *p) {
     for (msg *m = p->inflight; m; m = m->next) {
         bool has_id = m->props._flags & AMQP_BASIC_MESSAGE_ID_FLAG;
         if (m->returned || !m->mandatory || has_id != p->ret_has_id ||
             (has_id && !same(m->props.message_id, p->ret_id)) ||
             !same(m->exchange, p->ret_exchange) || !same(m->routing_key, p->ret_key) ||
-            !same(m->body, p->ret_body))
+            m->body_len != p->ret_len || m->body_hash != p->ret_hash)
             continue;
         m->returned = strdup(p->return_text);
         break;
@@ -393,26 +434,20 @@ static void returned_content(wr_publisher *p, const amqp_frame_t *f) {
         const amqp_basic_properties_t *props = f->payload.properties.decoded;
         p->ret_has_id = props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG;
         if (p->ret_has_id) p->ret_id = amqp_bytes_malloc_dup(props->message_id);
-        size_t size = (size_t)f->payload.properties.body_size;
-        p->ret_body.len = size;
-        p->ret_body.bytes = size ? malloc(size) : NULL;
-        if (size && !p->ret_body.bytes) {
-            wr_wire_end(p->wire, AMQP_INTERNAL_ERROR, WR_BROKER_FAILED,
-                        "out of memory for a returned message");
-            return;
-        }
-        if (size == 0) match_return(p);
+        p->ret_len = (size_t)f->payload.properties.body_size;
+        p->ret_hash = HASH_START;
+        if (p->ret_len == 0) match_return(p);
         return;
     }
     amqp_bytes_t frag = f->payload.body_fragment;
-    if (frag.len > p->ret_body.len - p->ret_got) {
+    if (frag.len > p->ret_len - p->ret_got) {
         wr_wire_end(p->wire, AMQP_UNEXPECTED_FRAME, WR_BROKER_FAILED,
                     "protocol error from the broker: a returned message's body is too long");
         return;
     }
-    memcpy((char *)p->ret_body.bytes + p->ret_got, frag.bytes, frag.len);
+    p->ret_hash = hash(p->ret_hash, frag.bytes, frag.len);
     p->ret_got += frag.len;
-    if (p->ret_got == p->ret_body.len) match_return(p);
+    if (p->ret_got == p->ret_len) match_return(p);
 }
 
 static void publish_frame(wr_publisher *p, const amqp_frame_t *f) {
@@ -468,7 +503,7 @@ static void publish_frame(wr_publisher *p, const amqp_frame_t *f) {
         p->next_seq = 0;
         amqp_channel_open_t open = {amqp_empty_bytes};
         wr_wire_method(p->wire, PUBLISH, AMQP_CHANNEL_OPEN_METHOD, &open);
-        complete(list, why);
+        complete(p, list, why);
         return;
     }
     default:
@@ -520,7 +555,7 @@ static void probe_frame(wr_publisher *p, const amqp_frame_t *f) {
             tail = &q->next;
         }
         if (asked) asked->state = NEED_NEW;
-        complete(failed, why);
+        complete(p, failed, why);
         return;
     }
     default:

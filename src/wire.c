@@ -14,16 +14,25 @@
 #define FRAME_MAX 131072
 #define INBUF_SIZE (2 * FRAME_MAX)
 #define CHUNK_MIN 4096
+#define BORROW_MIN 16384          /* body frames this large are not copied when borrowed */
 #define WRITE_BUDGET (256 * 1024) /* bytes written per loop turn, at most */
 #define FRAME_OVERHEAD 8          /* type, channel, size, frame end */
 
 typedef enum { W_IDLE, W_DIALING, W_HANDSHAKE, W_READY, W_CLOSING, W_DEAD } wire_state;
 
+/* Bytes of the outbox: its own (data), or borrowed from an owner (ext)
+ * until written or detached. */
 typedef struct chunk {
     struct chunk *next;
     size_t len, off, cap;
+    const unsigned char *ext;
+    const void *owner;
     unsigned char data[];
 } chunk;
+
+static const unsigned char *bytes_of(const chunk *c) {
+    return c->ext ? c->ext : c->data;
+}
 
 struct wr_wire {
     struct ev_loop *loop;
@@ -151,7 +160,7 @@ static void flush(wr_wire *w) {
         }
         chunk *c = w->head;
         size_t want = c->len - c->off < budget ? c->len - c->off : budget;
-        ssize_t n = tx(w, c->data + c->off, want);
+        ssize_t n = tx(w, bytes_of(c) + c->off, want);
         if (n == -2) {
             ev_io_start(w->loop, &w->wio);
             return;
@@ -179,23 +188,30 @@ static void wio_cb(struct ev_loop *loop, ev_io *io, int revents) {
 
 /* Room for n more bytes at the end of the outbox; NULL when out of memory
  * (the connection is then lost). */
+static chunk *append_chunk(wr_wire *w, size_t cap) {
+    chunk *c = malloc(sizeof *c + cap);
+    if (!c) {
+        lose(w, WR_BROKER_UNREACHABLE, "out of memory");
+        return NULL;
+    }
+    c->next = NULL;
+    c->len = c->off = 0;
+    c->cap = cap;
+    c->ext = NULL;
+    c->owner = NULL;
+    if (w->tail)
+        w->tail->next = c;
+    else
+        w->head = c;
+    w->tail = c;
+    return c;
+}
+
 static unsigned char *reserve(wr_wire *w, size_t n) {
     chunk *c = w->tail;
-    if (!c || c->cap - c->len < n) {
-        size_t cap = n > CHUNK_MIN ? n : CHUNK_MIN;
-        if (!(c = malloc(sizeof *c + cap))) {
-            lose(w, WR_BROKER_UNREACHABLE, "out of memory");
-            return NULL;
-        }
-        c->next = NULL;
-        c->len = c->off = 0;
-        c->cap = cap;
-        if (w->tail)
-            w->tail->next = c;
-        else
-            w->head = c;
-        w->tail = c;
-    }
+    if ((!c || c->ext || c->cap - c->len < n) &&
+        !(c = append_chunk(w, n > CHUNK_MIN ? n : CHUNK_MIN)))
+        return NULL;
     unsigned char *p = c->data + c->len;
     c->len += n;
     w->unsent += n;
@@ -252,8 +268,50 @@ int wr_wire_method(wr_wire *w, amqp_channel_t ch, amqp_method_number_t id, void 
     return send_method(w, ch, id, decoded);
 }
 
+/* Appends a body frame whose payload stays in the owner's memory. */
+static int put_borrowed(wr_wire *w, amqp_channel_t ch, const unsigned char *bytes, size_t n,
+                        const void *owner) {
+    unsigned char *p = reserve(w, 7);
+    if (!p) return -1;
+    p[0] = AMQP_FRAME_BODY;
+    put16(p + 1, ch);
+    put32(p + 3, (uint32_t)n);
+    chunk *c = append_chunk(w, 0);
+    if (!c) return -1;
+    c->ext = bytes;
+    c->len = n;
+    c->owner = owner;
+    w->unsent += n;
+    if (!(p = reserve(w, 1))) return -1;
+    p[0] = AMQP_FRAME_END;
+    return 0;
+}
+
+void wr_wire_detach(wr_wire *w, const void *owner) {
+    for (chunk **link = &w->head; *link; link = &(*link)->next) {
+        chunk *c = *link;
+        if (!c->ext || c->owner != owner) continue;
+        size_t n = c->len - c->off;
+        chunk *own = malloc(sizeof *own + n);
+        if (!own) {
+            /* Without the bytes the frame cannot be finished. */
+            lose(w, WR_BROKER_UNREACHABLE, "out of memory");
+            return;
+        }
+        memcpy(own->data, c->ext + c->off, n);
+        own->len = own->cap = n;
+        own->off = 0;
+        own->ext = NULL;
+        own->owner = NULL;
+        own->next = c->next;
+        if (w->tail == c) w->tail = own;
+        *link = own;
+        free(c);
+    }
+}
+
 int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
-                    const amqp_basic_properties_t *props, amqp_bytes_t body) {
+                    const amqp_basic_properties_t *props, amqp_bytes_t body, const void *owner) {
     if (w->state != W_READY) return -1;
     if (encode_method(w, ch, AMQP_BASIC_PUBLISH_METHOD, m)) return -1;
     unsigned char *s = w->scratch;
@@ -271,7 +329,10 @@ int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
     size_t room = (size_t)w->frame_max - FRAME_OVERHEAD;
     for (size_t off = 0; off < body.len; off += room) {
         size_t k = body.len - off < room ? body.len - off : room;
-        if (put_frame(w, AMQP_FRAME_BODY, ch, (char *)body.bytes + off, k, NULL, 0)) return -1;
+        const unsigned char *b = (const unsigned char *)body.bytes + off;
+        if (owner && k >= WR_WIRE_BORROW_MIN ? put_borrowed(w, ch, b, k, owner)
+                                     : put_frame(w, AMQP_FRAME_BODY, ch, b, k, NULL, 0))
+            return -1;
     }
     flush(w);
     return alive(w) ? 0 : -1;
@@ -544,7 +605,7 @@ void wr_wire_keepalive(wr_wire *w) {
     }
     if (w->hb > 0 && !w->head && now - w->last_out >= w->hb / 2.0 &&
         put_frame(w, AMQP_FRAME_HEARTBEAT, 0, NULL, 0, NULL, 0) == 0) {
-        ssize_t n = tx(w, w->head->data, w->head->len);
+        ssize_t n = tx(w, bytes_of(w->head), w->head->len);
         if (n > 0) {
             w->head->off = (size_t)n;
             w->unsent -= (size_t)n;

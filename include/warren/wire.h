@@ -74,10 +74,19 @@ int wr_wire_heartbeat(const wr_wire *w);
  * it (not ready, or out of memory: the connection is then lost). */
 int wr_wire_method(wr_wire *w, amqp_channel_t ch, amqp_method_number_t id, void *decoded);
 
-/* Queues basic.publish with its header and body frames as one unit.
- * Returns 0, or -1 as wr_wire_method. */
+/* Body frames at least this large are borrowed rather than copied. */
+#define WR_WIRE_BORROW_MIN 16384
+
+/* Queues basic.publish with its header and body frames as one unit. With
+ * an owner, large parts of the body are not copied but borrowed: the bytes
+ * must stay valid until written, or until wr_wire_detach(w, owner), which
+ * the owner calls before they may go. Returns 0, or -1 as wr_wire_method. */
 int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
-                    const amqp_basic_properties_t *props, amqp_bytes_t body);
+                    const amqp_basic_properties_t *props, amqp_bytes_t body, const void *owner);
+
+/* Copies whatever of owner's borrowed bytes is not written yet into the
+ * outbox's own memory, so the owner may free them. */
+void wr_wire_detach(wr_wire *w, const void *owner);
 
 /* Bytes queued and not yet written. */
 size_t wr_wire_unsent(const wr_wire *w);
