@@ -54,7 +54,10 @@ static size_t in_flight(const host *h) {
     return wr_sched_running(h->sched) + wr_retrier_pending(h->retrier);
 }
 
+/* The exit code is decided once, by the first stage that stops the worker:
+ * a signal handled later in the same loop turn cannot change it. */
 static void stop(host *h, int code) {
+    if (h->state == STOPPED) return;
     h->state = STOPPED;
     h->exit_code = code;
     ev_break(h->loop, EVBREAK_ALL);
@@ -167,9 +170,20 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 
 static void on_delivery(void *ud, wr_delivery *d) {
     host *h = ud;
-    if (h->state == RUNNING && wr_job_start(h->sched, h->vm, d) == 0) return;
+    char err[256];
+    int rc = h->state == RUNNING ? wr_job_start(h->sched, h->vm, d, err, sizeof err) : -1;
+    if (rc == 0) return;
+    const amqp_bytes_t id = d->props.message_id;
+    if (rc == -2) {
+        wr_error("message %.*s%s(tag %llu) rejected: it cannot be given to a job: %s", (int)id.len,
+                 id.len ? (char *)id.bytes : "", id.len ? " " : "", (unsigned long long)d->tag,
+                 err);
+        wr_broker_settle(h->broker, d, WR_SETTLE_REJECT);
+        wr_broker_release(h->broker, d);
+        return;
+    }
     /* Draining (or no memory for a job): hand it back unstarted. */
-    if (h->state == RUNNING) wr_error("cannot start a job (out of memory); handing it back");
+    if (h->state == RUNNING) wr_error("cannot start a job (%s); handing it back", err);
     wr_broker_settle(h->broker, d, WR_SETTLE_REQUEUE);
     wr_debug("handed back unstarted message (tag %llu)", (unsigned long long)d->tag);
     wr_broker_release(h->broker, d);
@@ -353,6 +367,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     (void)loop, (void)revents;
     host *h = w->data;
     const char *name = w->signum == SIGINT ? "SIGINT" : "SIGTERM";
+    if (h->state == STOPPED) return;
     if (h->state == DRAINING || h->state == CLOSING) {
         char reason[64];
         snprintf(reason, sizeof reason, "second signal, %s", name);

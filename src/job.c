@@ -170,16 +170,52 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     wr_job_fail(j, WR_FAIL_TIMEOUT, why);
 }
 
-int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d) {
-    wr_job *j = calloc(1, sizeof *j);
-    if (!j) return -1;
+/* What prepare makes in a protected call: every allocation of a job's start
+ * (its coroutine, the body, the msg table) happens there, so running out of
+ * memory or a message the host cannot convert is an error, never a panic. */
+typedef struct start_args {
+    wr_vm *vm;
+    const wr_delivery *d;
+    lua_State *co;
+    int ref;
+} start_args;
+
+static int prepare(lua_State *L) {
+    start_args *a = lua_touserdata(L, 1);
+    luaL_checkstack(L, 4, "starting a job");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, a->vm->handle_ref);
+    lua_pushlstring(L, a->d->body.bytes, a->d->body.len);
+    wr_push_msg(L, a->d);
+    a->co = lua_newthread(L);
+    lua_insert(L, -4);
+    lua_xmove(L, a->co, 3);
+    a->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errlen) {
     lua_State *L = vm->L;
-    if (!lua_checkstack(L, 4)) {
-        free(j);
+    start_args a = {vm, d, NULL, LUA_NOREF};
+    if (!lua_checkstack(L, 2)) {
+        snprintf(err, errlen, "not enough memory");
         return -1;
     }
-    j->co = lua_newthread(L);
-    j->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushcfunction(L, prepare);
+    lua_pushlightuserdata(L, &a);
+    int rc = lua_pcall(L, 1, 0, 0);
+    if (rc != LUA_OK) {
+        snprintf(err, errlen, "%s", lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "error");
+        lua_pop(L, 1);
+        return rc == LUA_ERRMEM ? -1 : -2;
+    }
+    wr_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        luaL_unref(L, LUA_REGISTRYINDEX, a.ref);
+        snprintf(err, errlen, "not enough memory");
+        return -1;
+    }
+    j->co = a.co;
+    j->co_ref = a.ref;
     j->sched = s;
     j->vm = vm;
     j->delivery = d;
@@ -198,10 +234,6 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d) {
     if (s->jobs) s->jobs->prev = j;
     s->jobs = j;
     s->running++;
-
-    lua_rawgeti(j->co, LUA_REGISTRYINDEX, vm->handle_ref);
-    lua_pushlstring(j->co, d->body.bytes, d->body.len);
-    wr_push_msg(j->co, d);
     run(j, 2);
     return 0;
 }
@@ -213,12 +245,34 @@ static void log_failure(const wr_job *j, const char *what, const char *detail) {
              id.len ? " " : "", (unsigned long long)j->delivery->tag, what, detail);
 }
 
-/* Logs a failed job with the error and the coroutine's traceback. */
+/* The error (argument 2) with the traceback of the coroutine (argument 1),
+ * as a string. Runs protected: __tostring is the script's own code. */
+static int describe(lua_State *L) {
+    lua_State *co = lua_tothread(L, 1);
+    const char *msg = luaL_tolstring(L, 2, NULL);
+    luaL_traceback(L, co, msg, 0);
+    return 1;
+}
+
+/* Logs a failed job with the error and the coroutine's traceback. The error
+ * object is the script's: turning it into text may fail (a __tostring that
+ * raises), which is logged instead. */
 static void report_error(wr_job *j) {
-    lua_State *co = j->co;
-    const char *msg = luaL_tolstring(co, -1, NULL);
-    luaL_traceback(co, co, msg, 0);
-    log_failure(j, "failed", lua_tostring(co, -1));
+    lua_State *L = j->vm->L, *co = j->co;
+    if (!lua_checkstack(L, 3) || !lua_checkstack(co, 2)) {
+        log_failure(j, "failed", "(not enough memory to describe the error)");
+        return;
+    }
+    lua_pushcfunction(L, describe);
+    lua_pushthread(co);
+    lua_xmove(co, L, 1);
+    lua_pushvalue(co, -1);
+    lua_xmove(co, L, 1);
+    if (lua_pcall(L, 2, 1, 0) == LUA_OK)
+        log_failure(j, "failed", lua_tostring(L, -1));
+    else
+        log_failure(j, "failed", "(an error whose description itself failed)");
+    lua_pop(L, 1);
 }
 
 /* Resumes the job's coroutine with the nargs values on top of its stack (the
@@ -260,15 +314,36 @@ static void run(wr_job *j, int nargs) {
 }
 
 /* Closes the coroutine so its pending <close> variables run; a failing
- * closer is logged, not propagated. After the job failed, Lua 5.4.4 returns
- * the job's own error again, which was logged already. */
+ * closer is logged, not propagated. After the job failed, Lua returns the
+ * job's own error again, which was logged already, unless a closer raised
+ * another: the error the job failed with is kept aside to tell them apart. */
 static void close_coroutine(wr_job *j, bool failed) {
-    if (lua_resetthread(j->co) != LUA_OK && !failed)
-        wr_error("closing job: %s", lua_tostring(j->co, -1));
+    lua_State *L = j->vm->L, *co = j->co;
+    bool kept = failed && lua_checkstack(L, 2) && lua_checkstack(co, 1) && lua_gettop(co) > 0;
+    if (kept) {
+        lua_pushvalue(co, -1);
+        lua_xmove(co, L, 1);
+    }
+    if (lua_resetthread(co) != LUA_OK) {
+        bool same = false;
+        if (kept) {
+            lua_pushvalue(co, -1);
+            lua_xmove(co, L, 1);
+            same = lua_rawequal(L, -1, -2);
+            lua_pop(L, 1);
+        }
+        if (!same)
+            log_failure(j, "closing",
+                        lua_type(co, -1) == LUA_TSTRING
+                            ? lua_tostring(co, -1)
+                            : "a <close> handler raised an error that is not a string");
+    }
+    if (kept) lua_pop(L, 1);
 }
 
 static void finish(wr_job *j, wr_outcome outcome, bool failed) {
     wr_sched *s = j->sched;
+    j->closing = true; /* <close> handlers may not wait any more */
     ev_timer_stop(s->loop, &j->timer);
     ev_timer_stop(s->loop, &j->deadline);
     unready(j);

@@ -22,10 +22,23 @@ wr_job *wr_lua_need_job(lua_State *L, const char *fn) {
     return j;
 }
 
+wr_job *wr_lua_need_wait(lua_State *L, const char *fn) {
+    wr_job *j = wr_lua_need_job(L, fn);
+    if (j->closing)
+        luaL_error(L, "warren.%s cannot wait: the job is over and its <close> handlers are running",
+                   fn);
+    if (j->co != L || !lua_isyieldable(L))
+        luaL_error(L,
+                   "warren.%s cannot wait here: it was called through a C function that cannot "
+                   "yield (a metamethod, table.sort, string.gsub, ...)",
+                   fn);
+    return j;
+}
+
 static int l_sleep(lua_State *L) {
     lua_Number s = luaL_checknumber(L, 1);
     luaL_argcheck(L, s >= 0 && isfinite(s), 1, "expected a non-negative number of seconds");
-    wr_job *j = wr_lua_need_job(L, "sleep");
+    wr_job *j = wr_lua_need_wait(L, "sleep");
     return wr_job_sleep(L, j, (double)s);
 }
 
@@ -110,8 +123,20 @@ static int open_warren(lua_State *L) {
     return 1;
 }
 
+/* os.exit would end the worker on the spot: no drain, no settle, children
+ * left running. */
+static int l_no_exit(lua_State *L) {
+    return luaL_error(L, "os.exit is not available to warren scripts: return from handle, or "
+                         "raise an error, to end a job");
+}
+
 void wr_lua_open(wr_vm *vm) {
     lua_State *L = vm->L;
+    if (lua_getglobal(L, "os") == LUA_TTABLE) {
+        lua_pushcfunction(L, l_no_exit);
+        lua_setfield(L, -2, "exit");
+    }
+    lua_pop(L, 1);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
     lua_pushlightuserdata(L, vm);
     lua_pushcclosure(L, open_warren, 1);
@@ -124,9 +149,14 @@ static void push_bytes(lua_State *L, amqp_bytes_t b) {
     lua_pushlstring(L, b.bytes, b.len);
 }
 
-static void push_table(lua_State *L, const amqp_table_t *t);
+static void push_table(lua_State *L, const amqp_table_t *t, int depth);
 
-static void push_field(lua_State *L, const amqp_field_value_t *v) {
+/* Pushes a header value; raises an error past WR_HEADER_DEPTH levels of
+ * nesting, so a message from anyone never reaches the job altered. */
+static void push_field(lua_State *L, const amqp_field_value_t *v, int depth) {
+    if (depth > WR_HEADER_DEPTH)
+        luaL_error(L, "its headers nest deeper than %d levels", WR_HEADER_DEPTH);
+    luaL_checkstack(L, 3, "nested headers");
     switch (v->kind) {
     case AMQP_FIELD_KIND_BOOLEAN:
         lua_pushboolean(L, v->value.boolean);
@@ -172,13 +202,13 @@ static void push_field(lua_State *L, const amqp_field_value_t *v) {
         push_bytes(L, v->value.bytes);
         break;
     case AMQP_FIELD_KIND_TABLE:
-        push_table(L, &v->value.table);
+        push_table(L, &v->value.table, depth + 1);
         break;
     case AMQP_FIELD_KIND_ARRAY: {
         const amqp_array_t *a = &v->value.array;
         lua_createtable(L, a->num_entries, 0);
         for (int i = 0; i < a->num_entries; i++) {
-            push_field(L, &a->entries[i]);
+            push_field(L, &a->entries[i], depth + 1);
             lua_rawseti(L, -2, i + 1);
         }
         break;
@@ -189,12 +219,12 @@ static void push_field(lua_State *L, const amqp_field_value_t *v) {
     }
 }
 
-static void push_table(lua_State *L, const amqp_table_t *t) {
+static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
     luaL_checkstack(L, 4, "nested headers");
     lua_createtable(L, 0, t->num_entries);
     for (int i = 0; i < t->num_entries; i++) {
         push_bytes(L, t->entries[i].key);
-        push_field(L, &t->entries[i].value);
+        push_field(L, &t->entries[i].value, depth);
         lua_rawset(L, -3);
     }
 }
@@ -216,7 +246,7 @@ void wr_push_msg(lua_State *L, const wr_delivery *d) {
     lua_setfield(L, -2, "redelivered");
     const amqp_field_value_t *retries = wr_delivery_header(d, "x-warren-retries");
     if (retries)
-        push_field(L, retries);
+        push_field(L, retries, 1);
     else
         lua_pushinteger(L, 0);
     lua_setfield(L, -2, "retries");
@@ -244,10 +274,10 @@ void wr_push_msg(lua_State *L, const wr_delivery *d) {
         lua_setfield(L, -2, "timestamp");
     }
     if (p->_flags & AMQP_BASIC_HEADERS_FLAG) {
-        push_table(L, &p->headers);
+        push_table(L, &p->headers, 1);
         const amqp_field_value_t *count = wr_delivery_header(d, "x-delivery-count");
         if (count) {
-            push_field(L, count);
+            push_field(L, count, 1);
             lua_setfield(L, -3, "delivery_count");
         }
     } else {

@@ -233,7 +233,7 @@ static void build(lua_State *L, wr_message *m, amqp_pool_t *pool) {
 }
 
 static int publish_table(lua_State *L, const char *fn) {
-    wr_job *j = wr_lua_need_job(L, fn);
+    wr_job *j = wr_lua_need_wait(L, fn);
     amqp_pool_t *pool = new_pool(L);
     wr_message m;
     build(L, &m, pool);
@@ -287,7 +287,7 @@ static int l_reply(lua_State *L) {
 static int l_retry(lua_State *L) {
     lua_Number seconds = luaL_checknumber(L, 1);
     luaL_argcheck(L, seconds >= 0 && seconds < 86400.0 * 365, 1, "expected seconds");
-    wr_job *j = wr_lua_need_job(L, "retry");
+    wr_job *j = wr_lua_need_wait(L, "retry");
     const wr_delivery *d = j->delivery;
     const wr_config *cfg = wr_sched_config(j->sched);
     long retries = wr_retry_count(d);

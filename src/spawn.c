@@ -485,10 +485,7 @@ static void build_env(lua_State *L, int e, request *rq) {
 static const char *const option_names[] = {"stdin", "env", "cwd", "timeout", NULL};
 
 int wr_spawn_lua(lua_State *L) {
-    wr_job *j = wr_lua_need_job(L, "spawn");
-    if (!lua_isyieldable(L))
-        return luaL_error(L, "warren.spawn cannot wait here: it was called through a C function "
-                             "that cannot yield (a metamethod, table.sort, string.gsub, ...)");
+    wr_job *j = wr_lua_need_wait(L, "spawn");
     luaL_checktype(L, 1, LUA_TTABLE);
     if (lua_isnoneornil(L, 2)) {
         lua_settop(L, 1);

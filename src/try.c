@@ -101,8 +101,9 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
     wr_delivery *d = NULL;
     for (int i = 0; i < 3 && !d; i++)
         if (wr_assembler_feed(a, &f[i], &d) == WR_FRAME_ERROR) break;
-    if (!d || wr_job_start(s, vm, d) != 0) {
-        fprintf(stderr, "out of memory\n");
+    char err[256] = "not enough memory";
+    if (!d || wr_job_start(s, vm, d, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
         wr_delivery_release(a, d);
         return 0;
     }

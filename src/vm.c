@@ -147,32 +147,52 @@ static int add_file(wr_vm *vm, const char *path) {
 }
 
 /* Records every module loaded from the script's directory (the first two
- * entries of package.path), so the host can watch them. */
-static void collect_modules(wr_vm *vm) {
-    lua_State *L = vm->L;
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "path");
-    const char *path = lua_tostring(L, -1);
+ * entries of package.path), so the host can watch them. Runs protected
+ * (the script may have replaced package or its fields): vm is argument 1. A
+ * script without a usable package table has no modules to watch. */
+static int collect_modules(lua_State *L) {
+    wr_vm *vm = lua_touserdata(L, 1);
+    lua_settop(L, 1);
+    lua_getglobal(L, "package"); /* 2 */
+    if (!lua_istable(L, 2)) return 0;
+    lua_getfield(L, 2, "path");       /* 3 */
+    lua_getfield(L, 2, "searchpath"); /* 4 */
+    lua_getfield(L, 2, "loaded");     /* 5 */
+    const char *path = lua_tostring(L, 3);
+    if (!path || !lua_isfunction(L, 4) || !lua_istable(L, 5)) return 0;
     const char *third = path;
     for (int i = 0; i < 2 && third; i++) {
         third = strchr(third, ';');
         if (third) third++;
     }
-    lua_pushlstring(L, path, third ? (size_t)(third - path - 1) : strlen(path));
-    int own = lua_gettop(L);
-    lua_getfield(L, -3, "loaded");
+    lua_pushlstring(L, path, third ? (size_t)(third - path - 1) : strlen(path)); /* 6 */
     lua_pushnil(L);
-    while (lua_next(L, -2)) {
+    while (lua_next(L, 5)) {
         lua_pop(L, 1);
         if (lua_type(L, -1) != LUA_TSTRING) continue;
-        lua_getfield(L, own - 2, "searchpath");
+        lua_pushvalue(L, 4);
         lua_pushvalue(L, -2);
-        lua_pushvalue(L, own);
+        lua_pushvalue(L, 6);
         lua_call(L, 2, 1);
-        if (lua_isstring(L, -1)) add_file(vm, lua_tostring(L, -1));
+        if (lua_isstring(L, -1) && add_file(vm, lua_tostring(L, -1)))
+            return luaL_error(L, "not enough memory");
         lua_pop(L, 1);
     }
-    lua_settop(L, 0);
+    return 0;
+}
+
+/* Finds handle in the main chunk's result (argument 2), or else as a global,
+ * and references it in vm (argument 1). Runs protected: a returned table or
+ * _G may have metamethods of the script's. */
+static int find_handle(lua_State *L) {
+    wr_vm *vm = lua_touserdata(L, 1);
+    if (lua_istable(L, 2))
+        lua_getfield(L, 2, "handle");
+    else
+        lua_getglobal(L, "handle");
+    if (!lua_isfunction(L, -1)) return 0;
+    vm->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
 }
 
 /* Copies the error message on top of L into err as one line, without the
@@ -180,6 +200,7 @@ static void collect_modules(wr_vm *vm) {
  * module ..." and "\tfile:line: ..."): both are kept, and so the line. */
 static void take_error(lua_State *L, char *err, size_t errlen) {
     const char *msg = lua_tostring(L, -1);
+    if (!msg) msg = "an error whose value is not a string";
     const char *end = strstr(msg, "\nstack traceback:");
     size_t len = end ? (size_t)(end - msg) : strlen(msg);
     size_t o = 0;
@@ -239,19 +260,27 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
         goto fail;
     }
     /* handle: a field of the returned table, else the global. */
-    if (lua_istable(L, -1))
-        lua_getfield(L, -1, "handle");
-    else
-        lua_getglobal(L, "handle");
-    if (!lua_isfunction(L, -1)) {
+    lua_pushcfunction(L, find_handle);
+    lua_pushlightuserdata(L, vm);
+    lua_rotate(L, -3, 2); /* find_handle, vm, result */
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+        take_error(L, err, errlen);
+        goto fail;
+    }
+    if (vm->handle_ref == LUA_NOREF) {
         snprintf(err, errlen,
                  "%s: no handle(body, msg) function (define a global handle or "
                  "return a table with one)",
                  script);
         goto fail;
     }
-    vm->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    collect_modules(vm);
+    lua_pushcfunction(L, collect_modules);
+    lua_pushlightuserdata(L, vm);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        take_error(L, err, errlen);
+        goto fail;
+    }
+    lua_settop(L, 0);
     /* Set after loading: the main chunk cannot yield, and jobs inherit it. */
     wr_job_install_hook(L);
     return vm;

@@ -331,7 +331,7 @@ int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
         size_t k = body.len - off < room ? body.len - off : room;
         const unsigned char *b = (const unsigned char *)body.bytes + off;
         if (owner && k >= WR_WIRE_BORROW_MIN ? put_borrowed(w, ch, b, k, owner)
-                                     : put_frame(w, AMQP_FRAME_BODY, ch, b, k, NULL, 0))
+                                             : put_frame(w, AMQP_FRAME_BODY, ch, b, k, NULL, 0))
             return -1;
     }
     flush(w);

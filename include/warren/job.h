@@ -53,6 +53,7 @@ struct wr_job {
     int decided;       /* a wr_outcome chosen by the script, or -1 */
     int failure;       /* a wr_failure once the job failed, or -1 */
     bool running;      /* its coroutine is being resumed */
+    bool closing;      /* ending: its coroutine is being closed, no wait may start */
     double resumed_at;
     wr_job *prev, *next; /* all running jobs */
     wr_job *next_ready;  /* jobs to resume on the next loop turn */
@@ -69,9 +70,11 @@ wr_sched *wr_sched_new(struct ev_loop *loop, wr_job_done_fn done, void *ud);
 void wr_sched_free(wr_sched *s);
 
 /* Starts handle(body, msg) of vm in a new coroutine and runs it to its first
- * wait. done may be called before this returns. Returns 0, or -1 when the
- * job could not be created (out of memory): done is then not called. */
-int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d);
+ * wait. done may be called before this returns. Returns 0; -1 when out of
+ * memory (hand the message back); or -2 when the message cannot be given to
+ * a job at all (headers nested too deep: reject it). On failure done is not
+ * called and err says why. */
+int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errlen);
 
 /* Interrupts every job at its wait point: waiters stop, <close> variables
  * run, and done is called with WR_OUT_INTERRUPTED. */

@@ -5,6 +5,7 @@
  *   wtool [--url URL] [--timeout S] delete QUEUE
  *   wtool [--url URL] [--timeout S] publish QUEUE --count N [--prefix P]
  *         [--body STR | --body-file FILE | --body-size BYTES] [--header K=V]... [--expiration MS]
+ *         [--nested-header K=DEPTH]   (K holds DEPTH arrays, one in another, around "bottom")
  *   wtool [--url URL] [--timeout S] depth QUEUE          prints "READY CONSUMERS"
  *   wtool [--url URL] [--timeout S] drain QUEUE [--max N]
  *         prints "MESSAGE_ID REDELIVERED BODYLEN XDEATHCOUNT" per message, acks each
@@ -53,6 +54,8 @@ struct options {
     int nheaders;
     char *header_keys[MAX_HEADERS];
     char *header_values[MAX_HEADERS];
+    char *nested_key; /* --nested-header: NULL when not given */
+    long long nested_depth;
 };
 
 /* What the program is doing, for error lines; always points to a string literal. */
@@ -162,6 +165,13 @@ static void parse_args(int argc, char **argv, struct options *o) {
             o->header_keys[o->nheaders] = strndup(kv, (size_t)(eq - kv));
             o->header_values[o->nheaders] = strdup(eq + 1);
             o->nheaders++;
+        } else if (strcmp(a, "--nested-header") == 0) {
+            const char *kv = need_value(argc, argv, &i);
+            const char *eq = strchr(kv, '=');
+            if (eq == NULL || eq == kv) die("--nested-header needs K=DEPTH, got '%s'", kv);
+            free(o->nested_key);
+            o->nested_key = strndup(kv, (size_t)(eq - kv));
+            o->nested_depth = parse_int(a, eq + 1, 1);
         } else if (strncmp(a, "--", 2) == 0 && a[2] != '\0') {
             die("unknown option '%s'", a);
         } else if (o->command == NULL) {
@@ -427,13 +437,32 @@ static void handle_one_frame(amqp_connection_state_t conn, struct confirms *c) {
     amqp_maybe_release_buffers(conn);
 }
 
-static amqp_table_t make_headers(const struct options *o, amqp_table_entry_t *entries) {
-    for (int i = 0; i < o->nheaders; i++) {
-        entries[i].key = amqp_cstring_bytes(o->header_keys[i]);
-        entries[i].value.kind = AMQP_FIELD_KIND_UTF8;
-        entries[i].value.value.bytes = amqp_cstring_bytes(o->header_values[i]);
+/* The headers of --header and --nested-header; levels holds the nested
+ * arrays (the caller frees it). */
+static amqp_table_t make_headers(const struct options *o, amqp_table_entry_t *entries,
+                                 amqp_field_value_t **levels) {
+    int n = 0;
+    for (; n < o->nheaders; n++) {
+        entries[n].key = amqp_cstring_bytes(o->header_keys[n]);
+        entries[n].value.kind = AMQP_FIELD_KIND_UTF8;
+        entries[n].value.value.bytes = amqp_cstring_bytes(o->header_values[n]);
     }
-    return (amqp_table_t){.num_entries = o->nheaders, .entries = entries};
+    *levels = NULL;
+    if (o->nested_key) {
+        amqp_field_value_t *l = calloc((size_t)o->nested_depth + 1, sizeof *l);
+        if (l == NULL) die("out of memory for %lld nested arrays", o->nested_depth);
+        for (long long i = 0; i < o->nested_depth; i++) {
+            l[i].kind = AMQP_FIELD_KIND_ARRAY;
+            l[i].value.array = (amqp_array_t){1, &l[i + 1]};
+        }
+        l[o->nested_depth].kind = AMQP_FIELD_KIND_UTF8;
+        l[o->nested_depth].value.bytes = amqp_cstring_bytes("bottom");
+        entries[n].key = amqp_cstring_bytes(o->nested_key);
+        entries[n].value = l[0];
+        n++;
+        *levels = l;
+    }
+    return (amqp_table_t){.num_entries = n, .entries = entries};
 }
 
 /*
@@ -458,14 +487,15 @@ static int cmd_publish(amqp_connection_state_t conn, const struct options *o) {
     c.state = calloc((size_t)c.count + 1, 1);
     if (c.state == NULL) die("out of memory for %" PRIu64 " confirms", c.count);
 
-    amqp_table_entry_t entries[MAX_HEADERS];
+    amqp_table_entry_t entries[MAX_HEADERS + 1];
+    amqp_field_value_t *levels = NULL;
     amqp_basic_properties_t props;
     memset(&props, 0, sizeof props);
     props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG;
     props.delivery_mode = 2;
-    if (o->nheaders > 0) {
+    if (o->nheaders > 0 || o->nested_key) {
         props._flags |= AMQP_BASIC_HEADERS_FLAG;
-        props.headers = make_headers(o, entries);
+        props.headers = make_headers(o, entries, &levels);
     }
     if (o->expiration != NULL) {
         props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
@@ -493,6 +523,7 @@ static int cmd_publish(amqp_connection_state_t conn, const struct options *o) {
         handle_one_frame(conn, &c);
     free(id);
     free(c.state);
+    free(levels);
     if (body_owned) free(body.bytes);
     if (c.nacked > 0 || c.returned > 0)
         die("%" PRIu64 " of %" PRIu64 " messages nacked, %" PRIu64 " returned (unroutable)",
@@ -629,6 +660,7 @@ int main(int argc, char **argv) {
     amqp_connection_state_t conn = connect_broker(o.url);
     int rc = cmd->run(conn, &o);
     disconnect(conn);
+    free(o.nested_key);
     for (int i = 0; i < o.nheaders; i++) {
         free(o.header_keys[i]);
         free(o.header_values[i]);

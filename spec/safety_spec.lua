@@ -1,0 +1,155 @@
+-- A script or a message cannot crash, wedge or silently end the host: waits
+-- where a coroutine cannot yield are refused before they arm anything,
+-- hostile error objects and headers are handled, os.exit is refused, and
+-- the exit code is decided once.
+local H = require "support.helper"
+
+local function by_id(rec)
+  local out = {}
+  for _, r in ipairs(H.records(rec)) do out[r[1]] = r end
+  return out
+end
+
+describe("safety", function()
+  after_each(H.stop_all)
+
+  it("refuses a wait in a <close> handler of a failed job, and goes on", function()
+    local q, dlq = H.queue("closer", { dead_letter = true })
+    local script = H.script([[
+      local warren = require "warren"
+      function handle(body, msg)
+        local guard <close> = setmetatable({}, { __close = function() warren.sleep(0.1) end })
+        error("boom")
+      end]])
+    H.publish(q, 2, { prefix = "c" })
+    local proc = H.worker(script, q, { "--on-error", "reject" })
+    H.wait_until(function() return H.depth(dlq) == 2 end, 10, "both dead-lettered")
+    assert.matches("warren.sleep cannot wait", proc:log(), 1, true)
+    assert.equal(0, H.term(proc), proc:log())
+    assert.same({ "c1", "c2" }, H.ids(H.drain(dlq)))
+  end)
+
+  it("refuses a wait in a <close> handler when the forced stage interrupts the job", function()
+    local q = H.queue("closer-forced")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        local guard <close> = setmetatable({}, { __close = function()
+          local ok, err = pcall(warren.publish, { routing_key = "x", body = "y" })
+          record("closer", tostring(ok))
+        end })
+        record("started")
+        warren.sleep(30)
+      end]])
+    H.publish(q, 1, { prefix = "f" })
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
+    H.wait_until(function() return by_id(rec).started end, 10, "the job")
+    proc:signal("TERM")
+    proc:signal("TERM")
+    assert.equal(75, proc:wait(5), proc:log())
+    assert.same({ "closer", "false" }, { by_id(rec).closer[1], by_id(rec).closer[2] })
+    H.wait_until(function() return H.depth(q) == 1 end, 10, "the message handed back")
+  end)
+
+  it("refuses sleep and publish in a sort comparator; later waits are exact", function()
+    local q = H.queue("sort")
+    local target = H.queue("sort-target")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        local ok1, e1 = pcall(table.sort, { 3, 1, 2 }, function(a, b) warren.sleep(0.5); return a < b end)
+        local ok2, e2 = pcall(table.sort, { 3, 1, 2 }, function(a, b)
+          warren.publish{ routing_key = os.getenv("TARGET"), body = "no" }; return a < b end)
+        record("refused", tostring(ok1), tostring(ok2), tostring(e1):find("cannot wait here", 1, true) ~= nil)
+        local t0 = now()
+        warren.sleep(0.3)
+        record("slept", now() - t0)
+        record("published", tostring(warren.publish{ routing_key = os.getenv("TARGET"), body = "yes" }))
+      end]])
+    H.publish(q, 1, { prefix = "s" })
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec, TARGET = target })
+    H.wait_until(function() return by_id(rec).published end, 10, "the job")
+    local r = by_id(rec)
+    assert.same({ "false", "false", "true" }, { r.refused[2], r.refused[3], r.refused[4] })
+    assert.is_true(tonumber(r.slept[2]) >= 0.3, "slept only " .. r.slept[2])
+    assert.equal("true", r.published[2])
+    assert.equal(0, H.term(proc))
+    assert.equal(1, (H.depth(target)))
+  end)
+
+  it("survives an error object whose __tostring raises", function()
+    local q, dlq = H.queue("tostring", { dead_letter = true })
+    local script = H.script([[
+      function handle(body, msg)
+        error(setmetatable({}, { __tostring = function() error("x") end }))
+      end]])
+    H.publish(q, 1, { prefix = "t" })
+    local proc = H.worker(script, q, { "--on-error", "reject" })
+    H.wait_until(function() return H.depth(dlq) == 1 end, 10, "dead-lettered")
+    assert.is_true(proc:running())
+    assert.matches("description itself failed", proc:log(), 1, true)
+    assert.equal(0, H.term(proc))
+  end)
+
+  it("refuses os.exit in a job", function()
+    local q, dlq = H.queue("exit", { dead_letter = true })
+    local script = H.script([[
+      function handle(body, msg) os.exit(3) end]])
+    H.publish(q, 1, { prefix = "e" })
+    local proc = H.worker(script, q, { "--on-error", "reject" })
+    H.wait_until(function() return H.depth(dlq) == 1 end, 10, "dead-lettered")
+    assert.matches("os.exit is not available", proc:log(), 1, true)
+    assert.equal(0, H.term(proc))
+  end)
+
+  it("keeps serving when a reload sets package to nil", function()
+    local q = H.queue("nopkg")
+    local rec = H.record_file()
+    local dir = H.tmpdir()
+    local path = dir .. "/job.lua"
+    H.write_file(path, H.RECORD_LUA .. [[ function handle(body, msg) record("v1", msg.message_id) end]])
+    local code, out = H.run({ "check", path })
+    assert.equal(0, code, out)
+    local proc = H.worker(path, q, { "--no-watch" }, { [H.RECORD_ENV] = rec })
+    H.write_file(path, H.RECORD_LUA .. [[ package = nil
+      function handle(body, msg) record("v2", msg.message_id) end]])
+    code, out = H.run({ "check", path })
+    assert.equal(0, code, out)
+    proc:signal("HUP")
+    proc:wait_log("reload", 10)
+    H.publish(q, 1, { prefix = "p" })
+    H.wait_until(function() return #H.records(rec) == 1 end, 10, "the job")
+    assert.is_true(proc:running())
+    assert.equal(0, H.term(proc))
+  end)
+
+  it("rejects a message whose headers nest 5000 deep, with a log line", function()
+    local q, dlq = H.queue("deep", { dead_letter = true })
+    local script = H.script("function handle(body, msg) end")
+    local proc = H.worker(script, q)
+    H.wtool({ "publish", q, "--count", 1, "--prefix", "deep", "--nested-header", "n=5000" })
+    H.wait_until(function() return H.depth(dlq) == 1 end, 10, "dead-lettered")
+    assert.matches("deep.*rejected.*nest deeper than 100 levels", proc:log())
+    H.publish(q, 1, { prefix = "fine" })
+    H.wait_until(function() return H.depth(q) == 0 end, 10, "a later message")
+    assert.equal(0, H.term(proc))
+    assert.same({ "deep1" }, H.ids(H.drain(dlq)))
+  end)
+
+  it("exits 75 when SIGINT and SIGTERM come together during a drain", function()
+    local q = H.queue("twosig")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg) record("started"); warren.sleep(30) end]])
+    H.publish(q, 1, { prefix = "z" })
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
+    H.wait_until(function() return #H.records(rec) == 1 end, 10, "the job")
+    proc:signal("TERM")
+    proc:wait_log("draining", 5)
+    os.execute("kill -INT " .. proc.pid .. "; kill -TERM " .. proc.pid)
+    assert.equal(75, proc:wait(5), proc:log())
+  end)
+end)
