@@ -152,4 +152,45 @@ describe("safety", function()
     os.execute("kill -INT " .. proc.pid .. "; kill -TERM " .. proc.pid)
     assert.equal(75, proc:wait(5), proc:log())
   end)
+  -- Computation where the job's coroutine cannot yield: the count hook keeps
+  -- heartbeats going and obeys the forced stage from inside it.
+  local spinners = {
+    ["a nested coroutine"] = "coroutine.wrap(function() spin(s) end)()",
+    ["a sort comparator"] = "table.sort({ 2, 1 }, function(a, b) spin(s); return a < b end)",
+    ["a gsub callback"] = "local _ = ('x'):gsub('x', function() spin(s) end)",
+  }
+  for name, call in pairs(spinners) do
+    it("keeps the connection through 5 s of computation in " .. name .. ", then obeys two signals", function()
+      local q = H.queue("spin")
+      local rec = H.record_file()
+      local script = H.script(H.RECORD_LUA .. [[
+        local function spin(s)
+          local t = os.clock()
+          while s == "forever" or os.clock() - t < s do end
+        end
+        function handle(body, msg)
+          local s = tonumber(body) or body
+          record("start", msg.message_id)
+          ]] .. call .. [[
+
+          record("done", msg.message_id)
+        end]])
+      H.publish(q, 1, { prefix = "five", body = "5" })
+      H.publish(q, 1, { prefix = "ever", body = "forever" })
+      local proc = H.worker(script, q, { "--heartbeat", 1 }, { [H.RECORD_ENV] = rec })
+      H.wait_until(function()
+        for _, r in ipairs(H.records(rec)) do
+          if r[1] == "start" and r[2] == "ever1" then return true end
+        end
+      end, 20, "the first job done, the second spinning")
+      assert.is_nil(proc:log():find("connection lost", 1, true), proc:log())
+      local t0 = H.now()
+      proc:signal("TERM")
+      proc:signal("TERM")
+      assert.equal(75, proc:wait(5), proc:log())
+      assert.is_true(H.now() - t0 < 1.5, "exit took " .. (H.now() - t0) .. " s")
+      H.wait_until(function() return H.depth(q) == 1 end, 10, "the spinning job's message back")
+      assert.same({ "ever1" }, H.ids(H.drain(q)))
+    end)
+  end
 end)

@@ -41,8 +41,9 @@ typedef struct host {
     double backoff;
     ev_signal sigint, sigterm, sighup;
     ev_timer drain_timer;
-    ev_timer retry_timer; /* reconnect, or re-consume after a cancel */
-    ev_timer stop_timer;  /* ends a clean drain from the loop's top level */
+    ev_tstamp drain_deadline; /* wall clock, for the count hook (see urgent) */
+    ev_timer retry_timer;     /* reconnect, or re-consume after a cancel */
+    ev_timer stop_timer;      /* ends a clean drain from the loop's top level */
     ev_timer reload_timer;
     ev_stat watches[MAX_WATCHES];
     size_t nwatches;
@@ -361,6 +362,26 @@ static void drain(host *h, const char *signame) {
             signame, n, h->cfg->drain_timeout);
     ev_timer_set(&h->drain_timer, h->cfg->drain_timeout, 0);
     ev_timer_start(h->loop, &h->drain_timer);
+    h->drain_deadline = ev_time() + h->cfg->drain_timeout;
+}
+
+/* SIGINT and SIGTERM received so far; see count_signal and urgent. */
+static volatile sig_atomic_t stop_signals;
+
+static void count_signal(int signum) {
+    stop_signals++;
+    ev_feed_signal(signum);
+}
+
+/* Called from the count hook while a job computes where it cannot yield:
+ * keeps the broker's connections alive, and ends that job when a second
+ * signal came or the drain timeout passed (the forced stage then follows in
+ * the loop). Touches no job. */
+static bool urgent(void *ud) {
+    host *h = ud;
+    wr_broker_keepalive(h->broker);
+    if (stop_signals >= 2) return true;
+    return h->state == DRAINING && ev_is_active(&h->drain_timer) && ev_time() >= h->drain_deadline;
 }
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
@@ -368,7 +389,9 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     host *h = w->data;
     const char *name = w->signum == SIGINT ? "SIGINT" : "SIGTERM";
     if (h->state == STOPPED) return;
-    if (h->state == DRAINING || h->state == CLOSING) {
+    /* Two signals can reach the loop as one (libev marks a signal pending,
+     * it does not count): stop_signals has the true count. */
+    if (h->state == DRAINING || h->state == CLOSING || stop_signals >= 2) {
         char reason[64];
         snprintf(reason, sizeof reason, "second signal, %s", name);
         force(h, reason);
@@ -514,6 +537,15 @@ int wr_host_run(const wr_config *cfg) {
     ev_signal_start(h->loop, &h->sigint);
     ev_signal_start(h->loop, &h->sigterm);
     ev_signal_start(h->loop, &h->sighup);
+    /* libev's handlers only mark the signal for the loop; ours also counts
+     * it, so a job computing where it cannot yield learns of it. */
+    struct sigaction sa = {0};
+    sa.sa_handler = count_signal;
+    sa.sa_flags = SA_RESTART;
+    sigfillset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    wr_sched_set_urgent(h->sched, urgent, h);
     ev_timer_init(&h->drain_timer, drain_timeout_cb, 0, 0);
     ev_timer_init(&h->retry_timer, retry_cb, 0, 0);
     ev_timer_init(&h->stop_timer, stop_cb, 0, 0);

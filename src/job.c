@@ -26,8 +26,16 @@ struct wr_sched {
     ev_check check;             /* resumes ready jobs after each poll */
     const struct wr_config *cfg;
     struct wr_publisher *pub;
-    double job_timeout; /* seconds, 0 = none */
+    double job_timeout;  /* seconds, 0 = none */
+    wr_job *current;     /* the job being resumed: its lua_resume is on the C stack */
+    wr_urgent_fn urgent; /* the host's urgent work, for computation that cannot yield */
+    void *urgent_ud;
 };
+
+/* The scheduler whose job is running, for the count hook: a hook sees only
+ * the lua_State, which is a nested coroutine or a C boundary's callee as
+ * often as the job's own coroutine. One loop thread, one running job. */
+static wr_sched *active;
 
 static double now(void) {
     struct timespec ts;
@@ -49,14 +57,26 @@ static void run(wr_job *j, int nargs);
 static void check_cb(struct ev_loop *loop, ev_check *w, int revents) {
     (void)revents;
     wr_sched *s = w->data;
-    /* Only the jobs ready now: a job that yields again waits for the next turn. */
+    /* Only the jobs ready now, and for one time slice in all: a job that
+     * yields again waits for the next turn, and so do those not reached. */
     wr_job *batch = s->ready;
     s->ready = s->ready_tail = NULL;
+    double start = now();
     while (batch) {
         wr_job *j = batch;
         batch = j->next_ready;
         j->next_ready = NULL;
         run(j, 0);
+        if (batch && now() - start >= SLICE_SECONDS) {
+            /* The rest go first next turn, before those that yielded now. */
+            wr_job *last = batch;
+            while (last->next_ready)
+                last = last->next_ready;
+            last->next_ready = s->ready;
+            if (!s->ready) s->ready_tail = last;
+            s->ready = batch;
+            break;
+        }
     }
     if (!s->ready) {
         ev_idle_stop(loop, &s->idle);
@@ -95,17 +115,43 @@ static void unready(wr_job *j) {
     j->next_ready = NULL;
 }
 
-static void hook(lua_State *L, lua_Debug *ar) {
+void wr_job_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
-    wr_job *j = wr_job_current(L);
-    if (!j || !lua_isyieldable(L)) return;
-    if (now() - j->resumed_at < SLICE_SECONDS) return;
-    make_ready(j);
-    lua_yield(L, 0);
+    wr_job *j = active ? active->current : NULL;
+    if (!j) return;
+    /* A job being ended (forced stage, timeout) unwinds with an error, again
+     * at every tick until it is out: a pcall of the script may catch one. */
+    if (j->interrupt || j->failure >= 0)
+        luaL_error(L, "%s", j->interrupt ? "interrupted: the worker is stopping" : "job failed");
+    double t = now();
+    if (t - j->resumed_at < SLICE_SECONDS) return;
+    if (j->expires > 0 && t >= j->expires) {
+        char why[96];
+        snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
+        wr_job_fail(j, WR_FAIL_TIMEOUT, why);
+        luaL_error(L, "job failed: %s", why);
+    }
+    if (L == j->co && lua_isyieldable(L)) {
+        make_ready(j);
+        lua_yield(L, 0);
+    }
+    /* A nested coroutine, or behind a C function (a sort comparator, a gsub
+     * callback, a metamethod): no yield is possible, so the host does its
+     * urgent work from here, and may ask for the job to end. */
+    j->resumed_at = t;
+    if (active->urgent && active->urgent(active->urgent_ud)) {
+        j->interrupt = true;
+        luaL_error(L, "interrupted: the worker is stopping");
+    }
 }
 
 void wr_job_install_hook(lua_State *L) {
-    lua_sethook(L, hook, LUA_MASKCOUNT, HOOK_COUNT);
+    lua_sethook(L, wr_job_hook, LUA_MASKCOUNT, HOOK_COUNT);
+}
+
+void wr_sched_set_urgent(wr_sched *s, wr_urgent_fn fn, void *ud) {
+    s->urgent = fn;
+    s->urgent_ud = ud;
 }
 
 wr_sched *wr_sched_new(struct ev_loop *loop, wr_job_done_fn done, void *ud) {
@@ -229,6 +275,7 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
     if (s->job_timeout > 0) {
         ev_now_update(s->loop); /* counted from now, not from the loop's last wake-up */
         ev_timer_start(s->loop, &j->deadline);
+        j->expires = now() + s->job_timeout; /* for the hook, when the loop cannot run */
     }
     j->next = s->jobs;
     if (s->jobs) s->jobs->prev = j;
@@ -284,10 +331,20 @@ static void run(wr_job *j, int nargs) {
     j->wait = WR_WAIT_NONE;
     j->resumed_at = now();
     j->running = true;
+    wr_sched *s = j->sched, *was_active = active;
+    wr_job *was_current = s->current;
+    active = s;
+    s->current = j;
     bool limited = wr_vm_limit_memory(j->vm, true);
     int status = lua_resume(co, NULL, nargs, &nres);
     wr_vm_limit_memory(j->vm, limited);
+    s->current = was_current;
+    active = was_active;
     j->running = false;
+    if (j->interrupt) { /* ended from the hook: the forced stage */
+        finish(j, WR_OUT_INTERRUPTED, status != LUA_OK && status != LUA_YIELD);
+        return;
+    }
     if (j->failure >= 0) { /* failed from a hook (wr_job_fail): that is how it ends */
         finish(j, WR_OUT_FAILED, status != LUA_OK && status != LUA_YIELD);
         return;

@@ -94,8 +94,13 @@ static double now(void) {
 }
 
 /* Count hook while the main chunk runs: ends a load that runs too long with
- * an error at the line it has reached. */
+ * an error at the line it has reached. Coroutines the chunk made keep this
+ * hook: once loading is over it serves them as the jobs' hook. */
 static void load_hook(lua_State *L, lua_Debug *ar) {
+    if (load_deadline == 0) {
+        wr_job_hook(L, ar);
+        return;
+    }
     if (now() <= load_deadline) return;
     /* luaL_error would name the caller of the running function. */
     lua_getinfo(L, "Sl", ar);
@@ -248,6 +253,7 @@ wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, 
         load_deadline = now() + LOAD_TIMEOUT;
         lua_sethook(L, load_hook, LUA_MASKCOUNT, LOAD_HOOK_COUNT);
         status = lua_pcall(L, 0, 1, -2);
+        load_deadline = 0;
     }
     wr_vm_limit_memory(vm, false);
     if (status == LUA_ERRMEM && vm->mem.limit) {

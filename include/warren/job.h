@@ -54,6 +54,8 @@ struct wr_job {
     int failure;       /* a wr_failure once the job failed, or -1 */
     bool running;      /* its coroutine is being resumed */
     bool closing;      /* ending: its coroutine is being closed, no wait may start */
+    bool interrupt;    /* the hook ends it: the forced stage came while it computed */
+    double expires;    /* monotonic time of its --job-timeout, 0 for none */
     double resumed_at;
     wr_job *prev, *next; /* all running jobs */
     wr_job *next_ready;  /* jobs to resume on the next loop turn */
@@ -128,5 +130,18 @@ void wr_job_decide(wr_job *j, wr_outcome outcome);
 
 /* Installs the time-slice hook on a fresh state, inherited by its threads. */
 void wr_job_install_hook(lua_State *L);
+
+/* The count hook (installed by wr_job_install_hook): every 10 ms of a job's
+ * computation it yields the job's own coroutine to the loop; where that is
+ * impossible (a nested coroutine, behind a C function) it calls the host's
+ * urgent work instead, and ends the job with an error when asked to, or
+ * when its --job-timeout has passed. */
+void wr_job_hook(lua_State *L, lua_Debug *ar);
+
+/* The host's urgent work while a job computes where it cannot yield: keep
+ * connections alive, look at signals. Returns true when the running job
+ * must end now (the forced stage). Must not call back into jobs. */
+typedef bool (*wr_urgent_fn)(void *ud);
+void wr_sched_set_urgent(wr_sched *s, wr_urgent_fn fn, void *ud);
 
 #endif
