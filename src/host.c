@@ -559,6 +559,15 @@ int wr_host_run(const wr_config *cfg) {
     srand((unsigned)(ev_time() * 1e6));
     try_connect(h);
     if (h->state != STOPPED) ev_run(h->loop, 0);
+    /* The exit code is decided: a signal arriving from now on (a second one
+     * sent just behind the first) must neither reach the loop nor, once
+     * libev has put the default action back, kill the process. */
+    sigset_t late;
+    sigemptyset(&late);
+    sigaddset(&late, SIGINT);
+    sigaddset(&late, SIGTERM);
+    sigaddset(&late, SIGHUP);
+    sigprocmask(SIG_BLOCK, &late, NULL);
     wr_spawn_shutdown(); /* no child outlives warren */
 
     unwatch_files(h);

@@ -169,7 +169,7 @@ static void flush(wr_wire *w) {
             lose(w, WR_BROKER_UNREACHABLE, "writing: %s", strerror(errno));
             return;
         }
-        w->last_out = ev_now(w->loop);
+        w->last_out = ev_time(); /* not the loop's cached time: a job may have run long since */
         budget -= (size_t)n;
         c->off += (size_t)n;
         w->unsent -= (size_t)n;
@@ -553,7 +553,7 @@ static ssize_t fill(wr_wire *w) {
         return -1;
     }
     w->in_len += (size_t)n;
-    w->last_in = ev_now(w->loop);
+    w->last_in = ev_time(); /* not the loop's cached time: a job may have run long since */
     return n;
 }
 
