@@ -1,6 +1,15 @@
 -- Publishing with confirms, replies and delayed retries, against a real broker.
 local H = require "support.helper"
 
+-- Publishes to the exchange named by the body, recording the result.
+local TO_EXCHANGE_IN_BODY = H.RECORD_LUA .. [[
+  local warren = require "warren"
+  function handle(body, msg)
+    local ok, err = warren.publish{ exchange = body, routing_key = os.getenv("TARGET"),
+                                    body = "b", message_id = "out-" .. msg.message_id }
+    record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
+  end]]
+
 describe("publish", function()
   after_each(H.stop_all)
 
@@ -29,13 +38,7 @@ describe("publish", function()
     local q = H.queue("badex")
     local target = H.queue("badex-target")
     local rec = H.record_file()
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        local ok, err = warren.publish{ exchange = body, routing_key = os.getenv("TARGET"),
-                                        body = "b", message_id = "out-" .. msg.message_id }
-        record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
-      end]])
+    local script = H.script(TO_EXCHANGE_IN_BODY)
     H.publish(q, 1, { prefix = "missing", body = "no-such-exchange" })
     local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec, TARGET = target })
     H.wait_until(function() return #H.records(rec) == 1 end, 10, "first job")
@@ -72,13 +75,7 @@ describe("publish", function()
     local q = H.queue("isolate")
     local target = H.queue("isolate-target")
     local rec = H.record_file()
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        local ok, err = warren.publish{ exchange = body, routing_key = os.getenv("TARGET"),
-                                        body = "b", message_id = "out-" .. msg.message_id }
-        record(msg.message_id, tostring(ok), (tostring(err):gsub(" ", "_")))
-      end]])
+    local script = H.script(TO_EXCHANGE_IN_BODY)
     H.publish(q, 1, { prefix = "missing", body = "no-such-exchange" })
     H.publish(q, 1, { prefix = "fine", body = "" })
     local proc = H.worker(script, q, { "-p", "2" }, { [H.RECORD_ENV] = rec, TARGET = target })
