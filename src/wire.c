@@ -55,8 +55,7 @@ struct wr_wire {
     ev_timer report;   /* reports closed from the loop's top level */
     ev_tstamp last_in, last_out;
     chunk *head, *tail; /* the outbox */
-    size_t unsent;
-    unsigned char *in; /* read, not yet decoded: in[in_off..in_len) */
+    unsigned char *in;  /* read, not yet decoded: in[in_off..in_len) */
     size_t in_off, in_len;
     unsigned char *scratch; /* one encoded frame payload */
     wr_broker_status closed_st;
@@ -77,7 +76,6 @@ static void drop_outbox(wr_wire *w) {
         free(c);
     }
     w->tail = NULL;
-    w->unsent = 0;
 }
 
 /* Releases the socket and everything of the connection but the decoder,
@@ -172,7 +170,6 @@ static void flush(wr_wire *w) {
         w->last_out = ev_time(); /* not the loop's cached time: a job may have run long since */
         budget -= (size_t)n;
         c->off += (size_t)n;
-        w->unsent -= (size_t)n;
         if (c->off < c->len) continue;
         w->head = c->next;
         if (!w->head) w->tail = NULL;
@@ -214,7 +211,6 @@ static unsigned char *reserve(wr_wire *w, size_t n) {
         return NULL;
     unsigned char *p = c->data + c->len;
     c->len += n;
-    w->unsent += n;
     return p;
 }
 
@@ -281,7 +277,6 @@ static int put_borrowed(wr_wire *w, amqp_channel_t ch, const unsigned char *byte
     c->ext = bytes;
     c->len = n;
     c->owner = owner;
-    w->unsent += n;
     if (!(p = reserve(w, 1))) return -1;
     p[0] = AMQP_FRAME_END;
     return 0;
@@ -336,10 +331,6 @@ int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
     }
     flush(w);
     return alive(w) ? 0 : -1;
-}
-
-size_t wr_wire_unsent(const wr_wire *w) {
-    return w->unsent;
 }
 
 static void send_close(wr_wire *w, int code, const char *text) {
@@ -608,7 +599,6 @@ void wr_wire_keepalive(wr_wire *w) {
         ssize_t n = tx(w, bytes_of(w->head), w->head->len);
         if (n > 0) {
             w->head->off = (size_t)n;
-            w->unsent -= (size_t)n;
             w->last_out = now;
         }
         if (w->head->off == w->head->len) {
@@ -713,17 +703,8 @@ int wr_wire_open(wr_wire *w, const char *url, int heartbeat, double timeout, cha
     return 0;
 }
 
-bool wr_wire_ready(const wr_wire *w) {
-    return w->state == W_READY;
-}
 const char *wr_wire_where(const wr_wire *w) {
     return w->where;
-}
-const char *wr_wire_user(const wr_wire *w) {
-    return w->url ? w->info.user : "";
-}
-int wr_wire_heartbeat(const wr_wire *w) {
-    return w->hb;
 }
 
 int wr_wire_close(wr_wire *w, double timeout) {

@@ -58,17 +58,8 @@ void wr_wire_free(wr_wire *w);
 int wr_wire_open(wr_wire *w, const char *url, int heartbeat, double timeout, char *err,
                  size_t errlen);
 
-/* Whether the connection is logged in and not closing or lost. */
-bool wr_wire_ready(const wr_wire *w);
-
 /* The URL of the connection, without the password, for logs. */
 const char *wr_wire_where(const wr_wire *w);
-
-/* The login name, as the broker checks a publish's user_id against it. */
-const char *wr_wire_user(const wr_wire *w);
-
-/* The heartbeat agreed with the broker, in seconds (0: none). */
-int wr_wire_heartbeat(const wr_wire *w);
 
 /* Queues a method frame. Returns 0, or -1 when the connection cannot take
  * it (not ready, or out of memory: the connection is then lost). */
@@ -87,9 +78,6 @@ int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
 /* Copies whatever of owner's borrowed bytes is not written yet into the
  * outbox's own memory, so the owner may free them. */
 void wr_wire_detach(wr_wire *w, const void *owner);
-
-/* Bytes queued and not yet written. */
-size_t wr_wire_unsent(const wr_wire *w);
 
 /* Ends the connection without waiting for the broker: sends
  * connection.close with code (AMQP_UNEXPECTED_FRAME for a broker that broke
