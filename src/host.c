@@ -7,19 +7,15 @@
 
 #include "warren/broker.h"
 #include "warren/job.h"
+#include "warren/load.h"
 #include "warren/log.h"
+#include "warren/reload.h"
 #include "warren/retry.h"
 #include "warren/spawn.h"
-#include "warren/vm.h"
 
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 30.0
 #define CLOSE_TIMEOUT 2.0
-/* Editors save in several steps (write, rename): one reload per burst. */
-#define RELOAD_SETTLE 0.2
-/* How far file timestamps (the kernel's coarse clock) may lag ev_time(). */
-#define FILE_CLOCK_LAG 0.02
-#define MAX_WATCHES 32
 
 typedef enum { CONNECTING, RUNNING, DRAINING, CLOSING, STOPPED } host_state;
 
@@ -28,9 +24,9 @@ typedef struct host {
     struct ev_loop *loop;
     wr_broker *broker;
     wr_sched *sched;
-    wr_retrier *retrier; /* failed jobs' messages waiting for their retry copy's confirm */
-    wr_vm *vm;           /* the current version; jobs pin their own */
-    unsigned last_version;
+    wr_retrier *retrier;   /* failed jobs' messages waiting for their retry copy's confirm */
+    wr_reloader *reloader; /* the current version; jobs pin their own */
+    wr_ctx ctx;            /* what the scripts may use */
     host_state state;
     int exit_code;
     bool ever_connected;
@@ -44,9 +40,6 @@ typedef struct host {
     ev_tstamp drain_deadline; /* wall clock, for the count hook (see urgent) */
     ev_timer retry_timer;     /* reconnect, or re-consume after a cancel */
     ev_timer stop_timer;      /* ends a clean drain from the loop's top level */
-    ev_timer reload_timer;
-    ev_stat watches[MAX_WATCHES];
-    size_t nwatches;
 } host;
 
 /* Messages not settled yet: running jobs, and failed ones whose retry copy
@@ -109,7 +102,8 @@ static void on_consuming(void *ud) {
                 h->cfg->queue);
     else
         wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
-                wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script, h->vm->version);
+                wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script,
+                wr_reloader_current(h->reloader)->version);
     h->ever_connected = true;
     h->consuming = true;
     h->state = RUNNING;
@@ -172,7 +166,9 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 static void on_delivery(void *ud, wr_delivery *d) {
     host *h = ud;
     char err[256];
-    int rc = h->state == RUNNING ? wr_job_start(h->sched, h->vm, d, err, sizeof err) : -1;
+    int rc = h->state == RUNNING
+                 ? wr_job_start(h->sched, wr_reloader_current(h->reloader), d, err, sizeof err)
+                 : -1;
     if (rc == 0) return;
     const amqp_bytes_t id = d->props.message_id;
     if (rc == -2) {
@@ -250,7 +246,7 @@ static void maybe_drained(host *h) {
 /* A failed job's message: the failure policy decides. Returns how to settle
  * it now, or -1 when a retry copy is on its way and on_retried settles it. */
 static int after_failure(host *h, wr_job *job) {
-    wr_delivery *d = job->delivery;
+    wr_delivery *d = wr_job_delivery(job);
     wr_verdict v = wr_policy_decide(h->cfg->on_error, wr_job_failure(job), wr_retry_count(d),
                                     h->cfg->max_retries);
     char what[160], err[300];
@@ -275,7 +271,7 @@ static void on_retried(void *ud, wr_delivery *d, const char *err) {
 
 static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
     host *h = ud;
-    wr_delivery *d = job->delivery;
+    wr_delivery *d = wr_job_delivery(job);
     int how = outcome == WR_OUT_ACK      ? WR_SETTLE_ACK
               : outcome == WR_OUT_REJECT ? WR_SETTLE_REJECT
               : outcome == WR_OUT_FAILED ? after_failure(h, job)
@@ -288,7 +284,7 @@ static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
         amqp_bytes_t id = d->props.message_id;
         wr_log(level, "job %.*s%s(tag %llu, version %u) %s%s; %zu in flight", (int)id.len,
                id.len ? (char *)id.bytes : "", id.len ? " " : "", (unsigned long long)d->tag,
-               job->vm->version, outcome_name(outcome),
+               wr_job_version(job), outcome_name(outcome),
                settled ? "" : " (not settled: its connection is gone, the broker redelivers it)",
                wr_sched_running(h->sched));
     }
@@ -350,7 +346,7 @@ static void drain(host *h, const char *signame) {
         return;
     }
     h->state = DRAINING;
-    wr_sched_set_draining(h->sched, true);
+    h->ctx.draining = true;
     ev_timer_stop(h->loop, &h->retry_timer);
     if (h->consuming) wr_broker_cancel(h->broker);
     if (n == 0) {
@@ -384,6 +380,12 @@ static bool urgent(void *ud) {
     return h->state == DRAINING && ev_is_active(&h->drain_timer) && ev_time() >= h->drain_deadline;
 }
 
+static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    wr_reloader_request(h->reloader, "SIGHUP");
+}
+
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     (void)loop, (void)revents;
     host *h = w->data;
@@ -398,97 +400,6 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     } else {
         drain(h, name);
     }
-}
-
-static void watch_files(host *h);
-
-/* Seconds from now until just past the current second of the wall clock,
- * which file timestamps follow. The margin covers the kernel stamping files
- * from a coarse clock that can lag ev_time(). */
-static ev_tstamp past_this_second(void) {
-    ev_tstamp now = ev_time();
-    return (ev_tstamp)((time_t)now + 1) + FILE_CLOCK_LAG - now;
-}
-
-/* ev_stat compares whole seconds, so a save in the same second as the state
- * a watcher last saw, and of the same size, goes unnoticed. Called after the
- * files were read or looked at: if one was written in this second, look
- * again (reload_timer_cb) once it is over. A pending reload timer will call
- * this again when it fires. */
-static void recheck_if_recent(host *h) {
-    if (!h->cfg->watch || ev_is_active(&h->reload_timer)) return;
-    if (!wr_vm_touched_since(h->vm, (time_t)(ev_time() - FILE_CLOCK_LAG))) return;
-    ev_timer_set(&h->reload_timer, past_this_second(), 0);
-    ev_timer_start(h->loop, &h->reload_timer);
-}
-
-/* Loads the script as a new version; on failure the current one serves on. */
-static void reload(host *h, const char *why) {
-    char err[512];
-    unsigned version = ++h->last_version;
-    wr_vm *vm = wr_vm_load(h->cfg->script, version, h->sched, err, sizeof err);
-    if (!vm) {
-        wr_error("reload (%s) failed, version %u keeps serving: %s", why, h->vm->version, err);
-        recheck_if_recent(h);
-        return;
-    }
-    wr_vm *old = h->vm;
-    h->vm = vm;
-    watch_files(h);   /* before the unref: the watchers use the old version's paths */
-    wr_vm_unref(old); /* closed when its last job ends */
-    wr_info("reloaded (%s): version %u serves new messages; %d versions alive", why, version,
-            wr_vm_alive());
-}
-
-static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
-    (void)loop, (void)revents;
-    reload(w->data, "SIGHUP");
-}
-
-/* Reloads unless nothing changed since the current version was read (a look
- * past a second, or a SIGHUP that came first). */
-static void reload_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
-    (void)loop, (void)revents;
-    host *h = w->data;
-    if (wr_vm_changed(h->vm)) {
-        reload(h, "script changed");
-        return;
-    }
-    wr_debug("script files unchanged since version %u read them", h->vm->version);
-    recheck_if_recent(h);
-}
-
-static void stat_cb(struct ev_loop *loop, ev_stat *w, int revents) {
-    (void)revents;
-    host *h = w->data;
-    /* Restarting the timer makes a burst of changes one reload. Firing past
-     * the current second also makes the reload read any later save of the
-     * same second, which ev_stat cannot tell apart (libev's documented
-     * remedy). */
-    ev_tstamp settle = past_this_second();
-    ev_timer_stop(loop, &h->reload_timer);
-    ev_timer_set(&h->reload_timer, settle > RELOAD_SETTLE ? settle : RELOAD_SETTLE, 0);
-    ev_timer_start(loop, &h->reload_timer);
-}
-
-static void unwatch_files(host *h) {
-    for (size_t i = 0; i < h->nwatches; i++)
-        ev_stat_stop(h->loop, &h->watches[i]);
-    h->nwatches = 0;
-}
-
-/* Watches the files of the current version: the script and the modules it
- * required from its own directory. */
-static void watch_files(host *h) {
-    if (!h->cfg->watch) return;
-    unwatch_files(h);
-    for (size_t i = 0; i < h->vm->nfiles && h->nwatches < MAX_WATCHES; i++) {
-        ev_stat *w = &h->watches[h->nwatches++];
-        ev_stat_init(w, stat_cb, h->vm->files[i].path, 1.0);
-        w->data = h;
-        ev_stat_start(h->loop, w);
-    }
-    recheck_if_recent(h);
 }
 
 int wr_host_run(const wr_config *cfg) {
@@ -516,13 +427,22 @@ int wr_host_run(const wr_config *cfg) {
         ev_loop_destroy(h->loop);
         return WR_EXIT_UNAVAILABLE;
     }
-    wr_sched_set_context(h->sched, cfg, wr_broker_publisher(h->broker));
+    h->ctx = (wr_ctx){.loop = h->loop,
+                      .cfg = cfg,
+                      .pub = wr_broker_publisher(h->broker),
+                      .urgent = urgent,
+                      .urgent_ud = h};
     wr_sched_set_job_timeout(h->sched, cfg->job_timeout);
     wr_vm_set_memory_limit(cfg->memory_limit);
-    h->last_version = 1;
-    h->vm = wr_vm_load(cfg->script, 1, h->sched, err, sizeof err);
-    if (!h->vm) {
-        wr_error("%s", err);
+    wr_vm *first = wr_load_script(cfg->script, 1, &h->ctx, err, sizeof err);
+    h->reloader = first ? wr_reloader_new(h->loop, cfg, &h->ctx, first) : NULL;
+    if (!h->reloader) {
+        if (first) {
+            wr_error("out of memory");
+            wr_vm_unref(first);
+        } else {
+            wr_error("%s", err);
+        }
         wr_retrier_free(h->retrier);
         wr_broker_free(h->broker);
         wr_sched_free(h->sched);
@@ -545,13 +465,10 @@ int wr_host_run(const wr_config *cfg) {
     sigfillset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
-    wr_sched_set_urgent(h->sched, urgent, h);
     ev_timer_init(&h->drain_timer, drain_timeout_cb, 0, 0);
     ev_timer_init(&h->retry_timer, retry_cb, 0, 0);
     ev_timer_init(&h->stop_timer, stop_cb, 0, 0);
-    ev_timer_init(&h->reload_timer, reload_timer_cb, 0, 0);
-    h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h->reload_timer.data = h;
-    watch_files(h);
+    h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h;
 
     h->state = CONNECTING;
     h->outage_since = ev_now(h->loop);
@@ -570,11 +487,10 @@ int wr_host_run(const wr_config *cfg) {
     sigprocmask(SIG_BLOCK, &late, NULL);
     wr_spawn_shutdown(); /* no child outlives warren */
 
-    unwatch_files(h);
     wr_retrier_free(h->retrier); /* every way out of the loop settled or abandoned its copies */
     wr_broker_free(h->broker);
     wr_sched_free(h->sched);
-    wr_vm_unref(h->vm);
+    wr_reloader_free(h->reloader);
     /* Signal handlers outlive the loop: a late signal must not reach it. */
     ev_signal_stop(h->loop, &h->sigint);
     ev_signal_stop(h->loop, &h->sigterm);

@@ -5,14 +5,31 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "warren/context.h"
 #include "warren/log.h"
-#include "warren/lua_api.h"
+#include "warren/msg.h"
 
-/* A job that computes without waiting hands the loop a turn after this long,
- * so signals, timers and heartbeats are served. */
-#define SLICE_SECONDS 0.010
-/* Instructions between two looks at the clock by the count hook. */
-#define HOOK_COUNT 10000
+struct wr_job {
+    wr_sched *sched;
+    wr_vm *vm;
+    lua_State *co;
+    int co_ref; /* registry reference in vm->L that keeps co alive */
+    wr_delivery *delivery;
+    wr_wait wait;
+    wr_wait_cancel cancel; /* set while waiting on something other than the timer */
+    void *wait_data;
+    ev_timer timer;
+    ev_timer deadline; /* --job-timeout */
+    int decided;       /* a wr_outcome chosen by the script, or -1 */
+    int failure;       /* a wr_failure once the job failed, or -1 */
+    bool running;      /* its coroutine is being resumed */
+    bool closing;      /* ending: its coroutine is being closed, no wait may start */
+    bool interrupt;    /* the hook ends it: the forced stage came while it computed */
+    double expires;    /* monotonic time of its --job-timeout, 0 for none */
+    double resumed_at;
+    wr_job *prev, *next; /* all running jobs */
+    wr_job *next_ready;  /* jobs to resume on the next loop turn */
+};
 
 struct wr_sched {
     struct ev_loop *loop;
@@ -20,16 +37,11 @@ struct wr_sched {
     void *ud;
     wr_job *jobs;
     size_t running;
-    bool draining;
     wr_job *ready, *ready_tail; /* jobs that gave up a time slice */
     ev_idle idle;               /* keeps the loop from blocking while jobs are ready */
     ev_check check;             /* resumes ready jobs after each poll */
-    const struct wr_config *cfg;
-    struct wr_publisher *pub;
-    double job_timeout;  /* seconds, 0 = none */
-    wr_job *current;     /* the job being resumed: its lua_resume is on the C stack */
-    wr_urgent_fn urgent; /* the host's urgent work, for computation that cannot yield */
-    void *urgent_ud;
+    double job_timeout;         /* seconds, 0 = none */
+    wr_job *current;            /* the job being resumed: its lua_resume is on the C stack */
 };
 
 /* The scheduler whose job is running, for the count hook: a hook sees only
@@ -37,7 +49,7 @@ struct wr_sched {
  * often as the job's own coroutine. One loop thread, one running job. */
 static wr_sched *active;
 
-static double now(void) {
+double wr_clock(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -51,6 +63,39 @@ wr_job *wr_job_current(lua_State *L) {
     return *job_slot(L);
 }
 
+wr_job *wr_job_need(lua_State *L, const char *fn) {
+    wr_job *j = wr_job_current(L);
+    if (!j)
+        luaL_error(L,
+                   "warren.%s can only be called from a job's own coroutine "
+                   "(not at load time nor from a nested coroutine)",
+                   fn);
+    return j;
+}
+
+wr_job *wr_job_need_wait(lua_State *L, const char *fn) {
+    wr_job *j = wr_job_need(L, fn);
+    if (j->closing)
+        luaL_error(L, "warren.%s cannot wait: the job is over and its <close> handlers are running",
+                   fn);
+    if (j->co != L || !lua_isyieldable(L))
+        luaL_error(L,
+                   "warren.%s cannot wait here: it was called through a C function that cannot "
+                   "yield (a metamethod, table.sort, string.gsub, ...)",
+                   fn);
+    return j;
+}
+
+wr_delivery *wr_job_delivery(const wr_job *j) {
+    return j->delivery;
+}
+lua_State *wr_job_thread(const wr_job *j) {
+    return j->co;
+}
+unsigned wr_job_version(const wr_job *j) {
+    return j->vm->version;
+}
+
 static void finish(wr_job *j, wr_outcome outcome, bool failed);
 static void run(wr_job *j, int nargs);
 
@@ -61,13 +106,13 @@ static void check_cb(struct ev_loop *loop, ev_check *w, int revents) {
      * yields again waits for the next turn, and so do those not reached. */
     wr_job *batch = s->ready;
     s->ready = s->ready_tail = NULL;
-    double start = now();
+    double start = wr_clock();
     while (batch) {
         wr_job *j = batch;
         batch = j->next_ready;
         j->next_ready = NULL;
         run(j, 0);
-        if (batch && now() - start >= SLICE_SECONDS) {
+        if (batch && wr_clock() - start >= WR_SLICE_SECONDS) {
             /* The rest go first next turn, before those that yielded now. */
             wr_job *last = batch;
             while (last->next_ready)
@@ -123,8 +168,8 @@ void wr_job_hook(lua_State *L, lua_Debug *ar) {
      * at every tick until it is out: a pcall of the script may catch one. */
     if (j->interrupt || j->failure >= 0)
         luaL_error(L, "%s", j->interrupt ? "interrupted: the worker is stopping" : "job failed");
-    double t = now();
-    if (t - j->resumed_at < SLICE_SECONDS) return;
+    double t = wr_clock();
+    if (t - j->resumed_at < WR_SLICE_SECONDS) return;
     if (j->expires > 0 && t >= j->expires) {
         char why[96];
         snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
@@ -133,25 +178,22 @@ void wr_job_hook(lua_State *L, lua_Debug *ar) {
     }
     if (L == j->co && lua_isyieldable(L)) {
         make_ready(j);
-        lua_yield(L, 0);
+        lua_yield(L, 0); /* from a hook: the yield happens once the hook returns */
+        return;
     }
     /* A nested coroutine, or behind a C function (a sort comparator, a gsub
      * callback, a metamethod): no yield is possible, so the host does its
      * urgent work from here, and may ask for the job to end. */
     j->resumed_at = t;
-    if (active->urgent && active->urgent(active->urgent_ud)) {
+    const wr_ctx *ctx = j->vm->ctx;
+    if (ctx && ctx->urgent && ctx->urgent(ctx->urgent_ud)) {
         j->interrupt = true;
         luaL_error(L, "interrupted: the worker is stopping");
     }
 }
 
 void wr_job_install_hook(lua_State *L) {
-    lua_sethook(L, wr_job_hook, LUA_MASKCOUNT, HOOK_COUNT);
-}
-
-void wr_sched_set_urgent(wr_sched *s, wr_urgent_fn fn, void *ud) {
-    s->urgent = fn;
-    s->urgent_ud = ud;
+    lua_sethook(L, wr_job_hook, LUA_MASKCOUNT, WR_HOOK_COUNT);
 }
 
 wr_sched *wr_sched_new(struct ev_loop *loop, wr_job_done_fn done, void *ud) {
@@ -177,28 +219,8 @@ void wr_sched_set_job_timeout(wr_sched *s, double seconds) {
     s->job_timeout = seconds;
 }
 
-void wr_sched_set_context(wr_sched *s, const struct wr_config *cfg, struct wr_publisher *pub) {
-    s->cfg = cfg;
-    s->pub = pub;
-}
-const struct wr_config *wr_sched_config(const wr_sched *s) {
-    return s->cfg;
-}
-struct wr_publisher *wr_sched_publisher(const wr_sched *s) {
-    return s->pub;
-}
-
 size_t wr_sched_running(const wr_sched *s) {
     return s->running;
-}
-void wr_sched_set_draining(wr_sched *s, bool draining) {
-    s->draining = draining;
-}
-bool wr_sched_draining(const wr_sched *s) {
-    return s->draining;
-}
-struct ev_loop *wr_sched_loop(const wr_sched *s) {
-    return s->loop;
 }
 
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
@@ -275,7 +297,7 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
     if (s->job_timeout > 0) {
         ev_now_update(s->loop); /* counted from now, not from the loop's last wake-up */
         ev_timer_start(s->loop, &j->deadline);
-        j->expires = now() + s->job_timeout; /* for the hook, when the loop cannot run */
+        j->expires = wr_clock() + s->job_timeout; /* for the hook, when the loop cannot run */
     }
     j->next = s->jobs;
     if (s->jobs) s->jobs->prev = j;
@@ -329,7 +351,7 @@ static void run(wr_job *j, int nargs) {
     lua_State *co = j->co;
     int nres;
     j->wait = WR_WAIT_NONE;
-    j->resumed_at = now();
+    j->resumed_at = wr_clock();
     j->running = true;
     wr_sched *s = j->sched, *was_active = active;
     wr_job *was_current = s->current;

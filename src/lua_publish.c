@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "warren/config.h"
+#include "warren/context.h"
 #include "warren/job.h"
 #include "warren/log.h"
 #include "warren/lua_api.h"
@@ -29,12 +30,13 @@ static void confirmed(void *ctx, const char *err) {
     wr_job *j = w->job;
     if (w->retry) wr_job_decide(j, err ? WR_OUT_REQUEUE : WR_OUT_ACK);
     free(w);
+    lua_State *co = wr_job_thread(j);
     if (err) {
-        lua_pushnil(j->co);
-        lua_pushstring(j->co, err);
+        lua_pushnil(co);
+        lua_pushstring(co, err);
         wr_job_resume(j, 2);
     } else {
-        lua_pushboolean(j->co, 1);
+        lua_pushboolean(co, 1);
         wr_job_resume(j, 1);
     }
 }
@@ -44,6 +46,13 @@ static void cancel_wait(wr_job *j, void *data) {
     confirm_wait *w = data;
     wr_publisher_forget(w->pub, w->id);
     free(w);
+}
+
+/* The context of the state, from the vm each function has as its upvalue;
+ * a job runs only where there is one. */
+static const wr_ctx *context(lua_State *L) {
+    const wr_vm *vm = lua_touserdata(L, lua_upvalueindex(1));
+    return vm->ctx;
 }
 
 static int pool_gc(lua_State *L) {
@@ -233,11 +242,11 @@ static void build(lua_State *L, wr_message *m, amqp_pool_t *pool) {
 }
 
 static int publish_table(lua_State *L, const char *fn) {
-    wr_job *j = wr_lua_need_wait(L, fn);
+    wr_job *j = wr_job_need_wait(L, fn);
     amqp_pool_t *pool = new_pool(L);
     wr_message m;
     build(L, &m, pool);
-    wr_publisher *pub = wr_sched_publisher(j->sched);
+    wr_publisher *pub = context(L)->pub;
     if (!pub) {
         wr_info("try: %s to exchange '%.*s' with routing key '%.*s': %zu bytes", fn,
                 (int)m.exchange.len, (char *)m.exchange.bytes, (int)m.routing_key.len,
@@ -287,9 +296,10 @@ static int l_reply(lua_State *L) {
 static int l_retry(lua_State *L) {
     lua_Number seconds = luaL_checknumber(L, 1);
     luaL_argcheck(L, seconds >= 0 && seconds < 86400.0 * 365, 1, "expected seconds");
-    wr_job *j = wr_lua_need_wait(L, "retry");
-    const wr_delivery *d = j->delivery;
-    const wr_config *cfg = wr_sched_config(j->sched);
+    wr_job *j = wr_job_need_wait(L, "retry");
+    const wr_delivery *d = wr_job_delivery(j);
+    const wr_ctx *ctx = context(L);
+    const wr_config *cfg = ctx->cfg;
     long retries = wr_retry_count(d);
     int max = cfg ? cfg->max_retries : 0;
     if (retries >= max) {
@@ -299,7 +309,7 @@ static int l_retry(lua_State *L) {
         lua_pushfstring(L, "no retries left (%d of %d used)", (int)retries, max);
         return 2;
     }
-    wr_publisher *pub = wr_sched_publisher(j->sched);
+    wr_publisher *pub = ctx->pub;
     if (!pub) {
         wr_info("try: retry %d of %d in %g s", (int)retries + 1, max, (double)seconds);
         wr_job_decide(j, WR_OUT_ACK);

@@ -15,8 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "warren/context.h"
 #include "warren/job.h"
-#include "warren/lua_api.h"
 #include "warren/log.h"
 
 extern char **environ;
@@ -132,7 +132,7 @@ static void push_capture(lua_State *L, const capture *cap, const char *name) {
 static void maybe_done(child *c) {
     if (!c->job || !c->exited || c->out.w.fd >= 0 || c->err.w.fd >= 0) return;
     wr_job *j = c->job;
-    lua_State *co = j->co;
+    lua_State *co = wr_job_thread(j);
     lua_checkstack(co, 3);
     lua_createtable(co, 0, 7);
     bool exited = WIFEXITED(c->status);
@@ -485,7 +485,7 @@ static void build_env(lua_State *L, int e, request *rq) {
 static const char *const option_names[] = {"stdin", "env", "cwd", "timeout", NULL};
 
 int wr_spawn_lua(lua_State *L) {
-    wr_job *j = wr_lua_need_wait(L, "spawn");
+    wr_job *j = wr_job_need_wait(L, "spawn");
     luaL_checktype(L, 1, LUA_TTABLE);
     if (lua_isnoneornil(L, 2)) {
         lua_settop(L, 1);
@@ -552,7 +552,9 @@ int wr_spawn_lua(lua_State *L) {
     }
 
     char err[512];
-    child *c = start(wr_sched_loop(j->sched), &rq, err, sizeof err);
+    /* The vm, upvalue of the warren module's functions, has the loop. */
+    const wr_vm *vm = lua_touserdata(L, lua_upvalueindex(1));
+    child *c = start(vm->ctx->loop, &rq, err, sizeof err);
     if (!c) {
         lua_pushnil(L);
         lua_pushstring(L, err);

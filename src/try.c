@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "warren/job.h"
+#include "warren/load.h"
 #include "warren/log.h"
 #include "warren/retry.h"
 #include "warren/spawn.h"
@@ -13,8 +14,9 @@
 
 int wr_check(const wr_config *cfg) {
     char err[512];
+    static const wr_ctx nothing; /* the main chunk only: no loop, nothing waits */
     wr_vm_set_memory_limit(cfg->memory_limit);
-    wr_vm *vm = wr_vm_load(cfg->script, 1, NULL, err, sizeof err);
+    wr_vm *vm = wr_load_script(cfg->script, 1, &nothing, err, sizeof err);
     if (!vm) {
         fprintf(stderr, "%s\n", err);
         return WR_EXIT_CONFIG;
@@ -51,13 +53,14 @@ static void on_done(void *ud, wr_job *job, wr_outcome outcome) {
     t->done = 1;
     t->outcome = outcome;
     if (outcome != WR_OUT_FAILED) return;
-    t->verdict = wr_policy_decide(t->cfg->on_error, wr_job_failure(job),
-                                  wr_retry_count(job->delivery), t->cfg->max_retries);
+    const wr_delivery *d = wr_job_delivery(job);
+    t->verdict = wr_policy_decide(t->cfg->on_error, wr_job_failure(job), wr_retry_count(d),
+                                  t->cfg->max_retries);
     char what[160];
     wr_verdict_describe(&t->verdict, what, sizeof what);
-    amqp_bytes_t id = job->delivery->props.message_id;
-    wr_warn("job %.*s (tag %llu) %s", (int)id.len, (char *)id.bytes,
-            (unsigned long long)job->delivery->tag, what);
+    amqp_bytes_t id = d->props.message_id;
+    wr_warn("job %.*s (tag %llu) %s", (int)id.len, (char *)id.bytes, (unsigned long long)d->tag,
+            what);
 }
 
 /* The outcome line's word: for a failed job, what the policy decided. */
@@ -126,8 +129,10 @@ int wr_try(const wr_config *cfg) {
     /* Not libev's default loop, which reaps every child (see wr_host_run). */
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     wr_sched *s = loop ? wr_sched_new(loop, on_done, &t) : NULL;
+    /* No publisher: what a job publishes is only logged. */
+    wr_ctx ctx = {.loop = loop, .cfg = cfg};
     wr_vm_set_memory_limit(cfg->memory_limit);
-    wr_vm *vm = s ? wr_vm_load(cfg->script, 1, s, err, sizeof err) : NULL;
+    wr_vm *vm = s ? wr_load_script(cfg->script, 1, &ctx, err, sizeof err) : NULL;
     if (!vm) {
         fprintf(stderr, "%s\n", s ? err : "out of memory");
         wr_sched_free(s);

@@ -14,6 +14,15 @@
 #include "warren/policy.h"
 #include "warren/vm.h"
 
+/* Lua that computes without waiting hands the loop a turn after this long,
+ * so signals, timers and heartbeats are served. */
+#define WR_SLICE_SECONDS 0.010
+/* Instructions between two looks at the clock by a count hook. */
+#define WR_HOOK_COUNT 10000
+
+/* Seconds on the monotonic clock, as slices and job timeouts count them. */
+double wr_clock(void);
+
 typedef enum {
     WR_OUT_ACK,
     WR_OUT_REQUEUE,
@@ -32,34 +41,10 @@ typedef enum {
 
 typedef struct wr_sched wr_sched;
 typedef struct wr_job wr_job;
-struct wr_config;
-struct wr_publisher;
 
 /* Undoes a wait when its job is interrupted: stops watchers, releases what
  * the wait holds. It must not resume the job. */
 typedef void (*wr_wait_cancel)(wr_job *j, void *data);
-
-struct wr_job {
-    wr_sched *sched;
-    wr_vm *vm;
-    lua_State *co;
-    int co_ref; /* registry reference in vm->L that keeps co alive */
-    wr_delivery *delivery;
-    wr_wait wait;
-    wr_wait_cancel cancel; /* set while waiting on something other than the timer */
-    void *wait_data;
-    ev_timer timer;
-    ev_timer deadline; /* --job-timeout */
-    int decided;       /* a wr_outcome chosen by the script, or -1 */
-    int failure;       /* a wr_failure once the job failed, or -1 */
-    bool running;      /* its coroutine is being resumed */
-    bool closing;      /* ending: its coroutine is being closed, no wait may start */
-    bool interrupt;    /* the hook ends it: the forced stage came while it computed */
-    double expires;    /* monotonic time of its --job-timeout, 0 for none */
-    double resumed_at;
-    wr_job *prev, *next; /* all running jobs */
-    wr_job *next_ready;  /* jobs to resume on the next loop turn */
-};
 
 /* Called once per job when it ends, before it is freed. The delivery is
  * still the caller's to settle and release. */
@@ -86,19 +71,24 @@ void wr_sched_interrupt_all(wr_sched *s);
  * Applies to jobs started from now on. */
 void wr_sched_set_job_timeout(wr_sched *s, double seconds);
 
-/* What jobs may use beyond the loop: the configuration and the publisher
- * (NULL in `warren try`, where publishing is only logged). */
-void wr_sched_set_context(wr_sched *s, const struct wr_config *cfg, struct wr_publisher *pub);
-const struct wr_config *wr_sched_config(const wr_sched *s);
-struct wr_publisher *wr_sched_publisher(const wr_sched *s);
-
 size_t wr_sched_running(const wr_sched *s);
-void wr_sched_set_draining(wr_sched *s, bool draining);
-bool wr_sched_draining(const wr_sched *s);
-struct ev_loop *wr_sched_loop(const wr_sched *s);
 
 /* The job whose coroutine L is, or NULL (main chunk, nested coroutine). */
 wr_job *wr_job_current(lua_State *L);
+
+/* The job whose own coroutine L is; raises a Lua error naming warren.fn when
+ * L is not a job's own coroutine (load time, a nested coroutine). */
+wr_job *wr_job_need(lua_State *L, const char *fn);
+
+/* The wait protocol, checked before a wait arms anything: the job whose own
+ * coroutine L is, which can yield and is not closing; else raises a Lua
+ * error naming warren.fn, and nothing was started. */
+wr_job *wr_job_need_wait(lua_State *L, const char *fn);
+
+/* The message of the job, its coroutine, and the version it runs. */
+wr_delivery *wr_job_delivery(const wr_job *j);
+lua_State *wr_job_thread(const wr_job *j);
+unsigned wr_job_version(const wr_job *j);
 
 /* Suspends the job for seconds; call as `return wr_job_sleep(...)` from a
  * C function of the job's coroutine. */
@@ -133,15 +123,9 @@ void wr_job_install_hook(lua_State *L);
 
 /* The count hook (installed by wr_job_install_hook): every 10 ms of a job's
  * computation it yields the job's own coroutine to the loop; where that is
- * impossible (a nested coroutine, behind a C function) it calls the host's
- * urgent work instead, and ends the job with an error when asked to, or
+ * impossible (a nested coroutine, behind a C function) it calls the urgent
+ * work of the job's context (context.h) instead, and ends the job with an error when asked to, or
  * when its --job-timeout has passed. */
 void wr_job_hook(lua_State *L, lua_Debug *ar);
-
-/* The host's urgent work while a job computes where it cannot yield: keep
- * connections alive, look at signals. Returns true when the running job
- * must end now (the forced stage). Must not call back into jobs. */
-typedef bool (*wr_urgent_fn)(void *ud);
-void wr_sched_set_urgent(wr_sched *s, wr_urgent_fn fn, void *ud);
 
 #endif

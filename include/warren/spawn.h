@@ -43,7 +43,10 @@
  * the job is interrupted, the group gets SIGTERM, then SIGKILL after the
  * grace. The child is watched through a pidfd (Linux 5.3) and only its own
  * pid is reaped: the loop must not be libev's default loop, whose SIGCHLD
- * handler reaps every child (and so steals io.popen's exit status). */
+ * handler reaps every child (and so steals io.popen's exit status).
+ *
+ * Its upvalue is the vm (vm.h) whose context has the loop, as for every
+ * function of the warren module. */
 int wr_spawn_lua(lua_State *L);
 
 /* Ends every child still alive (those of interrupted jobs in their grace):

@@ -10,7 +10,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
-struct wr_sched;
+#include "warren/context.h"
 
 /* A file the version was loaded from, and how it looked then. */
 typedef struct wr_vm_file {
@@ -34,19 +34,20 @@ typedef struct wr_vm {
     wr_vm_memory mem;
     int refs;
     unsigned version;
-    int handle_ref; /* registry reference of the script's handle function */
-    struct wr_sched *sched;
+    int handle_ref;    /* registry reference of the script's handle function */
+    const wr_ctx *ctx; /* what its warren module may use; never NULL */
     wr_vm_file *files; /* the script and the modules it required from its own directory */
     size_t nfiles;
 } wr_vm;
 
-/* Loads script into a fresh Lua state as the given version, with the warren
- * module available and the script's directory on package.path, and checks
- * that it defines handle (as a global, or a field of the table the chunk
- * returns). A main chunk still running after 5 seconds fails. Returns the
- * vm with one reference, or NULL with a one-line "file:line: message" in err. */
-wr_vm *wr_vm_load(const char *script, unsigned version, struct wr_sched *sched, char *err,
-                  size_t errlen);
+/* A fresh Lua state as the given version, with no library opened yet and
+ * its memory counted (load.h makes it a version of the script). Returns the
+ * vm with one reference, or NULL when out of memory. */
+wr_vm *wr_vm_new(unsigned version, const wr_ctx *ctx);
+
+/* Adds path to the files of vm, as it is now, once. Returns 0, or -1 when
+ * out of memory. */
+int wr_vm_add_file(wr_vm *vm, const char *path);
 
 /* Sets the most memory, in MiB, the Lua state of each version loaded from
  * now on may hold (--memory-limit); 0 = no limit. */
