@@ -193,4 +193,75 @@ describe("safety", function()
       assert.same({ "ever1" }, H.ids(H.drain(q)))
     end)
   end
+
+  -- A reload whose main chunk never ends: sliced like a job where it can
+  -- yield, and ended after 5 s however it catches errors.
+  local function ticker(rec)
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        local stop = now() + tonumber(body)
+        while now() < stop do
+          record("tick", msg.message_id, now())
+          warren.sleep(0.01)
+        end
+        record("end", msg.message_id)
+      end]])
+    return script
+  end
+
+  it("keeps a ticking job's gaps under 100 ms while a pcall-looping reload runs out its 5 s",
+    function()
+    local q = H.queue("tick")
+    local rec = H.record_file()
+    local script = ticker(rec)
+    local proc = H.worker(script, q, { "--no-watch" }, { [H.RECORD_ENV] = rec })
+    H.publish(q, 1, { prefix = "ticker", body = "9" })
+    H.wait_until(function() return by_id(rec).tick end, 10, "ticking")
+    local mark = proc:mark()
+    H.write_file(script, "while true do pcall(function() while true do end end) end\n")
+    proc:signal("HUP")
+    proc:wait_log("reload %(SIGHUP%) failed, version 1 keeps serving: [^\n]*:1: still loading "
+      .. "after 5 s", 15, mark)
+    H.wait_until(function() return by_id(rec)["end"] end, 15, "the ticker to end")
+    local last, worst, ticks = nil, 0, 0
+    for _, r in ipairs(H.records(rec)) do
+      if r[1] == "tick" then
+        local t = tonumber(r[3])
+        if last then worst = math.max(worst, t - last) end
+        last, ticks = t, ticks + 1
+      end
+    end
+    assert.is_true(ticks > 100, ticks .. " ticks")
+    assert.is_true(worst < 0.1, "a gap of " .. worst .. " s")
+    assert.equal(0, H.term(proc))
+  end)
+
+  it("ends a reload that loops with pcall behind a C function, and obeys two signals in it",
+    function()
+    local q = H.queue("tick-sort")
+    local rec = H.record_file()
+    local script = ticker(rec)
+    local proc = H.worker(script, q, { "--no-watch", "--heartbeat", "1", "--log-level", "debug" },
+      { [H.RECORD_ENV] = rec })
+    local spin = "table.sort({ 3, 1, 2 }, function(a, b)\n"
+      .. "  while true do pcall(function() while true do end end) end\nend)\n"
+    local mark = proc:mark()
+    H.write_file(script, spin)
+    proc:signal("HUP")
+    proc:wait_log("reload %(SIGHUP%) failed, version 1 keeps serving: [^\n]*:2: still loading "
+      .. "after 5 s", 15, mark)
+    H.publish(q, 1, { prefix = "after", body = "0" })
+    H.wait_until(function() return by_id(rec)["end"] end, 10, "a job of version 1")
+    assert.is_nil(proc:log():find("connection lost", 1, true), proc:log())
+    mark = proc:mark()
+    proc:signal("HUP")
+    proc:wait_log("reload %(SIGHUP%): loading version 3", 5, mark)
+    local t0 = H.now()
+    proc:signal("TERM")
+    proc:signal("TERM")
+    assert.equal(75, proc:wait(5), proc:log())
+    assert.is_true(H.now() - t0 < 1.5, "exit took " .. (H.now() - t0) .. " s")
+    assert.matches("stopped while loading", proc:log(), 1, true)
+  end)
 end)
