@@ -32,6 +32,8 @@ typedef struct host {
     bool ever_connected;
     bool consuming;       /* false after a broker-initiated cancel */
     unsigned interrupted; /* jobs cut off by the forced stage or a lost connection */
+    bool forcing;         /* the count hook began the forced stage (see urgent) */
+    unsigned forced_from; /* interrupted when it did */
     ev_tstamp outage_since;
     unsigned attempts;
     double backoff;
@@ -319,9 +321,11 @@ static void on_closed(void *ud, bool clean) {
 }
 
 static void force(host *h, const char *reason) {
-    size_t n = wr_sched_running(h->sched), retrying = wr_retrier_pending(h->retrier);
+    /* Jobs the count hook already ended for this stage count as interrupted by it. */
+    unsigned before = h->forcing ? h->forced_from : h->interrupted;
+    size_t n = wr_sched_running(h->sched) + (h->interrupted - before),
+           retrying = wr_retrier_pending(h->retrier);
     wr_warn("forced exit (%s): interrupting %zu jobs", reason, n);
-    unsigned before = h->interrupted;
     wr_sched_interrupt_all(h->sched);
     wr_retrier_abandon(h->retrier);
     wr_warn("handed back %zu messages; exiting", h->interrupted - before + retrying);
@@ -376,8 +380,13 @@ static void count_signal(int signum) {
 static bool urgent(void *ud) {
     host *h = ud;
     wr_broker_keepalive(h->broker);
-    if (stop_signals >= 2) return true;
-    return h->state == DRAINING && ev_is_active(&h->drain_timer) && ev_time() >= h->drain_deadline;
+    bool force = stop_signals >= 2 || (h->state == DRAINING && ev_is_active(&h->drain_timer) &&
+                                       ev_time() >= h->drain_deadline);
+    if (force && !h->forcing) {
+        h->forcing = true;
+        h->forced_from = h->interrupted;
+    }
+    return force;
 }
 
 static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
