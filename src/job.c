@@ -89,9 +89,6 @@ wr_job *wr_job_need_wait(lua_State *L, const char *fn) {
 wr_delivery *wr_job_delivery(const wr_job *j) {
     return j->delivery;
 }
-lua_State *wr_job_thread(const wr_job *j) {
-    return j->co;
-}
 unsigned wr_job_version(const wr_job *j) {
     return j->vm->version;
 }
@@ -460,6 +457,26 @@ void wr_job_resume(wr_job *j, int nargs) {
     j->cancel = NULL;
     j->wait_data = NULL;
     run(j, nargs);
+}
+
+int wr_job_results(wr_job *j, lua_CFunction push, void *ud) {
+    lua_State *L = j->vm->L;
+    int top = lua_gettop(L);
+    if (lua_checkstack(L, 2)) {
+        lua_pushcfunction(L, push);
+        lua_pushlightuserdata(L, ud);
+        if (lua_pcall(L, 1, LUA_MULTRET, 0) == LUA_OK) {
+            int n = lua_gettop(L) - top;
+            if (lua_checkstack(j->co, n)) {
+                lua_xmove(L, j->co, n);
+                return n;
+            }
+        }
+    }
+    lua_settop(L, top);
+    j->cancel = NULL;
+    j->wait_data = NULL;
+    return -1;
 }
 
 int wr_job_sleep(lua_State *L, wr_job *j, double seconds) {

@@ -25,20 +25,28 @@ typedef struct confirm_wait {
     bool retry;  /* the original is acked on confirm, requeued on failure */
 } confirm_wait;
 
+/* Protected (wr_job_results): true, or nil and the error (argument 1). */
+static int push_confirm(lua_State *L) {
+    const char *err = lua_touserdata(L, 1);
+    if (!err) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+}
+
 static void confirmed(void *ctx, const char *err) {
     confirm_wait *w = ctx;
     wr_job *j = w->job;
     if (w->retry) wr_job_decide(j, err ? WR_OUT_REQUEUE : WR_OUT_ACK);
     free(w);
-    lua_State *co = wr_job_thread(j);
-    if (err) {
-        lua_pushnil(co);
-        lua_pushstring(co, err);
-        wr_job_resume(j, 2);
-    } else {
-        lua_pushboolean(co, 1);
-        wr_job_resume(j, 1);
-    }
+    int n = wr_job_results(j, push_confirm, (void *)err);
+    if (n < 0)
+        wr_job_fail(j, WR_FAIL_MEMORY, "not enough memory for the result of its publish");
+    else
+        wr_job_resume(j, n);
 }
 
 static void cancel_wait(wr_job *j, void *data) {

@@ -127,32 +127,40 @@ static void push_capture(lua_State *L, const capture *cap, const char *name) {
     lua_setfield(L, -2, name);
 }
 
+/* Protected (wr_job_results): the result table of the child (argument 1). */
+static int push_result(lua_State *L) {
+    const child *c = lua_touserdata(L, 1);
+    lua_createtable(L, 0, 7);
+    bool exited = WIFEXITED(c->status);
+    lua_pushboolean(L, exited && WEXITSTATUS(c->status) == 0 && !c->timed_out);
+    lua_setfield(L, -2, "ok");
+    if (exited) {
+        lua_pushinteger(L, WEXITSTATUS(c->status));
+        lua_setfield(L, -2, "status");
+    } else if (WIFSIGNALED(c->status)) {
+        lua_pushinteger(L, WTERMSIG(c->status));
+        lua_setfield(L, -2, "signal");
+    }
+    push_capture(L, &c->out, "stdout");
+    push_capture(L, &c->err, "stderr");
+    lua_pushboolean(L, c->truncated);
+    lua_setfield(L, -2, "truncated");
+    lua_pushboolean(L, c->timed_out);
+    lua_setfield(L, -2, "timed_out");
+    return 1;
+}
+
 /* Resumes the job with the result table once the child has exited and both
  * pipes have reached end of file. */
 static void maybe_done(child *c) {
     if (!c->job || !c->exited || c->out.w.fd >= 0 || c->err.w.fd >= 0) return;
     wr_job *j = c->job;
-    lua_State *co = wr_job_thread(j);
-    lua_checkstack(co, 3);
-    lua_createtable(co, 0, 7);
-    bool exited = WIFEXITED(c->status);
-    lua_pushboolean(co, exited && WEXITSTATUS(c->status) == 0 && !c->timed_out);
-    lua_setfield(co, -2, "ok");
-    if (exited) {
-        lua_pushinteger(co, WEXITSTATUS(c->status));
-        lua_setfield(co, -2, "status");
-    } else if (WIFSIGNALED(c->status)) {
-        lua_pushinteger(co, WTERMSIG(c->status));
-        lua_setfield(co, -2, "signal");
-    }
-    push_capture(co, &c->out, "stdout");
-    push_capture(co, &c->err, "stderr");
-    lua_pushboolean(co, c->truncated);
-    lua_setfield(co, -2, "truncated");
-    lua_pushboolean(co, c->timed_out);
-    lua_setfield(co, -2, "timed_out");
+    int n = wr_job_results(j, push_result, c);
     free_child(c);
-    wr_job_resume(j, 1);
+    if (n < 0)
+        wr_job_fail(j, WR_FAIL_MEMORY, "not enough memory for the result of warren.spawn");
+    else
+        wr_job_resume(j, n);
 }
 
 /* Keeps up to WR_SPAWN_CAPTURE_MAX bytes; beyond that, or when memory runs

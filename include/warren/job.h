@@ -85,9 +85,8 @@ wr_job *wr_job_need(lua_State *L, const char *fn);
  * error naming warren.fn, and nothing was started. */
 wr_job *wr_job_need_wait(lua_State *L, const char *fn);
 
-/* The message of the job, its coroutine, and the version it runs. */
+/* The message of the job, and the version it runs. */
 wr_delivery *wr_job_delivery(const wr_job *j);
-lua_State *wr_job_thread(const wr_job *j);
 unsigned wr_job_version(const wr_job *j);
 
 /* Suspends the job for seconds; call as `return wr_job_sleep(...)` from a
@@ -98,9 +97,17 @@ int wr_job_sleep(lua_State *L, wr_job *j, double seconds);
  * interrupted. Call just before `return lua_yield(L, 0)`. */
 void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data);
 
-/* Resumes a waiting job with nargs values the caller pushed onto j->co. The
+/* Resumes a waiting job with the nargs values wr_job_results gave it. The
  * job may finish (and be freed) before this returns. */
 void wr_job_resume(wr_job *j, int nargs);
+
+/* Builds the values a waiting job is to be resumed with, in protected mode:
+ * push runs on the main thread of the job's state with ud as its one
+ * (light userdata) argument, and what it returns is moved onto the job's
+ * coroutine. Returns how many, for wr_job_resume. Returns -1 when memory
+ * ran out; the wait is then over (its data is the caller's to release) and
+ * the caller ends the job with wr_job_fail(j, WR_FAIL_MEMORY, ...). */
+int wr_job_results(wr_job *j, lua_CFunction push, void *ud);
 
 /* Ends the job as a failure of the given kind, logged with why ("ran
  * longer than ..."); --job-timeout uses it. A waiting job ends at once: its
