@@ -9,6 +9,7 @@
 #include "warren/job.h"
 #include "warren/load.h"
 #include "warren/log.h"
+#include "warren/notify.h"
 #include "warren/reload.h"
 #include "warren/retry.h"
 #include "warren/spawn.h"
@@ -27,11 +28,15 @@ typedef struct host {
     wr_retrier *retrier;   /* failed jobs' messages waiting for their retry copy's confirm */
     wr_reloader *reloader; /* the current version; jobs pin their own */
     wr_ctx ctx;            /* what the scripts may use */
+    wr_notify *notify;     /* the service manager */
+    char status[160];      /* the STATUS= it was last sent */
+    ev_timer status_timer; /* sends a changed STATUS= once a second */
     host_state state;
     int exit_code;
     bool ever_connected;
     bool consuming;       /* false after a broker-initiated cancel */
     unsigned interrupted; /* jobs cut off by the forced stage or a lost connection */
+    unsigned long done;   /* jobs ended, whatever their outcome */
     bool forcing;         /* the count hook began the forced stage (see urgent) */
     unsigned forced_from; /* interrupted when it did */
     ev_tstamp outage_since;
@@ -48,6 +53,29 @@ typedef struct host {
  * awaits its confirm. Both hold delivery tags of the channel. */
 static size_t in_flight(const host *h) {
     return wr_sched_running(h->sched) + wr_retrier_pending(h->retrier);
+}
+
+/* Tells the service manager the state, when it changed: "consuming 'q': 2
+ * jobs in flight, 40 done"; extra ("READY=1") goes with it, changed or not. */
+static void send_status(host *h, const char *extra) {
+    if (!wr_notify_enabled(h->notify)) return;
+    char now[sizeof h->status];
+    size_t n = in_flight(h);
+    const char *what = h->state == CONNECTING ? (h->ever_connected ? "reconnecting" : "connecting")
+                       : h->state == RUNNING
+                           ? (h->consuming ? "consuming" : "waiting for the queue")
+                       : h->state == DRAINING ? "draining"
+                                              : "closing";
+    snprintf(now, sizeof now, "%s '%s': %zu job%s in flight, %lu done", what, h->cfg->queue, n,
+             n == 1 ? "" : "s", h->done);
+    if (!extra && strcmp(now, h->status) == 0) return;
+    memcpy(h->status, now, sizeof now);
+    wr_notify_send(h->notify, "%s%sSTATUS=%s", extra ? extra : "", extra ? "\n" : "", now);
+}
+
+static void status_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    send_status(w->data, NULL);
 }
 
 /* The exit code is decided once, by the first stage that stops the worker:
@@ -106,11 +134,13 @@ static void on_consuming(void *ud) {
         wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
                 wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script,
                 wr_reloader_current(h->reloader)->version);
+    bool first = !h->ever_connected;
     h->ever_connected = true;
     h->consuming = true;
     h->state = RUNNING;
     h->attempts = 0;
     h->backoff = BACKOFF_MIN;
+    send_status(h, first ? "READY=1" : NULL);
 }
 
 static void on_failed(void *ud, wr_broker_status st, const char *err) {
@@ -217,6 +247,7 @@ static void on_lost(void *ud, const char *why) {
     h->attempts = 0;
     h->backoff = BACKOFF_MIN;
     schedule_retry(h);
+    send_status(h, NULL);
 }
 
 static const char *outcome_name(wr_outcome o) {
@@ -280,6 +311,7 @@ static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
                                          : WR_SETTLE_REQUEUE;
     if (how < 0) return; /* on_retried settles it */
     bool settled = wr_broker_settle(h->broker, d, (wr_settle)how) == 0;
+    h->done++;
     if (outcome == WR_OUT_INTERRUPTED) h->interrupted++;
     wr_log_level level = h->state == DRAINING ? WR_LOG_INFO : WR_LOG_DEBUG;
     if (wr_log_enabled(level)) {
@@ -346,11 +378,17 @@ static void drain(host *h, const char *signame) {
     if (h->state != RUNNING) {
         /* Not connected: nothing can be in flight. */
         wr_info("received %s while not connected; exiting", signame);
+        wr_notify_send(h->notify, "STOPPING=1");
         stop(h, WR_EXIT_OK);
         return;
     }
     h->state = DRAINING;
     h->ctx.draining = true;
+    /* The stop may take the drain, the close handshake and a margin. */
+    char extend[64];
+    snprintf(extend, sizeof extend, "STOPPING=1\nEXTEND_TIMEOUT_USEC=%llu",
+             (unsigned long long)((h->cfg->drain_timeout + CLOSE_TIMEOUT + 1) * 1e6));
+    send_status(h, extend);
     ev_timer_stop(h->loop, &h->retry_timer);
     if (h->consuming) wr_broker_cancel(h->broker);
     if (n == 0) {
@@ -380,6 +418,7 @@ static void count_signal(int signum) {
 static bool urgent(void *ud) {
     host *h = ud;
     wr_broker_keepalive(h->broker);
+    wr_notify_keepalive(h->notify);
     bool force = stop_signals >= 2 || (h->state == DRAINING && ev_is_active(&h->drain_timer) &&
                                        ev_time() >= h->drain_deadline);
     if (force && !h->forcing) {
@@ -387,6 +426,15 @@ static bool urgent(void *ud) {
         h->forced_from = h->interrupted;
     }
     return force;
+}
+
+/* A reload is RELOADING=1 for the service manager until it ends. */
+static void on_reload(void *ud, wr_reload_event ev) {
+    host *h = ud;
+    if (ev == WR_RELOAD_BEGINS)
+        wr_notify_send(h->notify, "RELOADING=1\nMONOTONIC_USEC=%llu", wr_notify_monotonic_usec());
+    else
+        send_status(h, "READY=1");
 }
 
 static void sighup_cb(struct ev_loop *loop, ev_signal *w, int revents) {
@@ -411,6 +459,16 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     }
 }
 
+/* Frees what wr_host_run made before the loop could run. */
+static int give_up(host *h, int code) {
+    wr_reloader_free(h->reloader);
+    wr_retrier_free(h->retrier);
+    if (h->broker) wr_broker_free(h->broker);
+    wr_sched_free(h->sched);
+    ev_loop_destroy(h->loop);
+    return code;
+}
+
 int wr_host_run(const wr_config *cfg) {
     host hs = {0}, *h = &hs;
     char err[512];
@@ -431,10 +489,7 @@ int wr_host_run(const wr_config *cfg) {
                      : NULL;
     if (!h->retrier) {
         wr_error("out of memory");
-        if (h->broker) wr_broker_free(h->broker);
-        wr_sched_free(h->sched);
-        ev_loop_destroy(h->loop);
-        return WR_EXIT_UNAVAILABLE;
+        return give_up(h, WR_EXIT_UNAVAILABLE);
     }
     h->ctx = (wr_ctx){.loop = h->loop,
                       .cfg = cfg,
@@ -444,19 +499,16 @@ int wr_host_run(const wr_config *cfg) {
     wr_sched_set_job_timeout(h->sched, cfg->job_timeout);
     wr_vm_set_memory_limit(cfg->memory_limit);
     wr_vm *first = wr_load_script(cfg->script, 1, &h->ctx, err, sizeof err);
-    h->reloader = first ? wr_reloader_new(h->loop, cfg, &h->ctx, first) : NULL;
-    if (!h->reloader) {
-        if (first) {
-            wr_error("out of memory");
-            wr_vm_unref(first);
-        } else {
-            wr_error("%s", err);
-        }
-        wr_retrier_free(h->retrier);
-        wr_broker_free(h->broker);
-        wr_sched_free(h->sched);
-        ev_loop_destroy(h->loop);
-        return WR_EXIT_CONFIG;
+    if (!first) {
+        wr_error("%s", err);
+        return give_up(h, WR_EXIT_CONFIG);
+    }
+    h->reloader = wr_reloader_new(h->loop, cfg, &h->ctx, first, on_reload, h);
+    if (!h->reloader) wr_vm_unref(first);
+    h->notify = h->reloader ? wr_notify_new(h->loop) : NULL;
+    if (!h->notify) {
+        wr_error("out of memory");
+        return give_up(h, WR_EXIT_UNAVAILABLE);
     }
     signal(SIGPIPE, SIG_IGN);
     ev_signal_init(&h->sigint, signal_cb, SIGINT);
@@ -477,7 +529,12 @@ int wr_host_run(const wr_config *cfg) {
     ev_timer_init(&h->drain_timer, drain_timeout_cb, 0, 0);
     ev_timer_init(&h->retry_timer, retry_cb, 0, 0);
     ev_timer_init(&h->stop_timer, stop_cb, 0, 0);
-    h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h;
+    ev_timer_init(&h->status_timer, status_cb, 1, 1);
+    h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h->status_timer.data = h;
+    if (wr_notify_enabled(h->notify)) {
+        send_status(h, NULL);
+        ev_timer_start(h->loop, &h->status_timer);
+    }
 
     h->state = CONNECTING;
     h->outage_since = ev_now(h->loop);
@@ -500,6 +557,8 @@ int wr_host_run(const wr_config *cfg) {
     wr_broker_free(h->broker);
     wr_sched_free(h->sched);
     wr_reloader_free(h->reloader);
+    ev_timer_stop(h->loop, &h->status_timer);
+    wr_notify_free(h->notify);
     /* Signal handlers outlive the loop: a late signal must not reach it. */
     ev_signal_stop(h->loop, &h->sigint);
     ev_signal_stop(h->loop, &h->sigterm);

@@ -18,6 +18,8 @@ struct wr_reloader {
     wr_vm *vm; /* the current version; jobs pin their own */
     unsigned last_version;
     wr_load *loading; /* the version whose main chunk runs, or NULL */
+    wr_reload_fn tell;
+    void *tell_ud;
     const char *why;
     const char *again; /* a request that came during the load: why */
     ev_idle step_idle; /* keeps the loop from blocking during a load */
@@ -91,9 +93,11 @@ static void start_loading(wr_reloader *r, const char *why) {
     char err[512];
     unsigned version = ++r->last_version;
     r->why = why;
+    r->tell(r->tell_ud, WR_RELOAD_BEGINS);
     r->loading = wr_load_begin(r->cfg->script, version, r->ctx, err, sizeof err);
     if (!r->loading) {
         wr_error("reload (%s) failed, version %u keeps serving: %s", why, r->vm->version, err);
+        r->tell(r->tell_ud, WR_RELOAD_FAILED);
         recheck_if_recent(r);
         return;
     }
@@ -113,6 +117,7 @@ static void step_cb(struct ev_loop *loop, ev_check *w, int revents) {
     if (st == WR_LOAD_FAILED) {
         wr_error("reload (%s) failed, version %u keeps serving: %s", r->why, r->vm->version, err);
         stop_loading(r);
+        r->tell(r->tell_ud, WR_RELOAD_FAILED);
     } else {
         wr_vm *old = r->vm;
         r->vm = wr_load_end(r->loading);
@@ -122,6 +127,7 @@ static void step_cb(struct ev_loop *loop, ev_check *w, int revents) {
         wr_vm_unref(old); /* closed when its last job ends */
         wr_info("reloaded (%s): version %u serves new messages; %d versions alive", r->why,
                 r->vm->version, wr_vm_alive());
+        r->tell(r->tell_ud, WR_RELOAD_DONE);
     }
     if (r->again) {
         const char *why = r->again;
@@ -157,9 +163,11 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 }
 
 wr_reloader *wr_reloader_new(struct ev_loop *loop, const wr_config *cfg, const wr_ctx *ctx,
-                             wr_vm *first) {
+                             wr_vm *first, wr_reload_fn fn, void *ud) {
     wr_reloader *r = calloc(1, sizeof *r);
     if (!r) return NULL;
+    r->tell = fn;
+    r->tell_ud = ud;
     r->loop = loop;
     r->cfg = cfg;
     r->ctx = ctx;

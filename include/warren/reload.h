@@ -20,10 +20,19 @@
 
 typedef struct wr_reloader wr_reloader;
 
+typedef enum {
+    WR_RELOAD_BEGINS, /* a version starts loading */
+    WR_RELOAD_DONE,   /* it serves new messages */
+    WR_RELOAD_FAILED, /* it did not load; the current version serves on */
+} wr_reload_event;
+
+/* Told of each reload as it begins and ends (after the log line). */
+typedef void (*wr_reload_fn)(void *ud, wr_reload_event ev);
+
 /* Serves first (taking its reference) and watches its files when
  * cfg->watch. Returns NULL when out of memory. */
 wr_reloader *wr_reloader_new(struct ev_loop *loop, const wr_config *cfg, const wr_ctx *ctx,
-                             wr_vm *first);
+                             wr_vm *first, wr_reload_fn fn, void *ud);
 
 /* The version new messages go to. */
 wr_vm *wr_reloader_current(const wr_reloader *r);
