@@ -1,6 +1,6 @@
 -- The service manager's notify protocol: a datagram socket stands in for
--- systemd, and sees READY, STATUS, WATCHDOG, RELOADING, READY and STOPPING
--- in that order.
+-- systemd, and sees READY, STATUS, WATCHDOG, RELOADING, READY, the quiet
+-- stage's STATUS and STOPPING in that order.
 local H = require "support.helper"
 local unix = require "socket.unix"
 
@@ -66,6 +66,10 @@ describe("notify", function()
     local reloading = l:until_has("RELOADING")
     assert.matches("^%d+$", reloading.MONOTONIC_USEC)
     assert.equal("1", l:until_has("READY").READY)
+    proc:signal("USR1")
+    l:until_has("STATUS", 5, "^quiet '")
+    proc:signal("USR2")
+    l:until_has("STATUS", 5, "^consuming '")
     H.publish(q, 1, { prefix = "slow", body = "slow" })
     H.wait_until(function() return #H.records(rec) == 4 end, 10, "the slow job")
     proc:signal("TERM")

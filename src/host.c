@@ -34,7 +34,8 @@ typedef struct host {
     host_state state;
     int exit_code;
     bool ever_connected;
-    bool consuming;       /* false after a broker-initiated cancel */
+    bool consuming;       /* false after a broker-initiated cancel, and while quiet */
+    bool quiet;           /* SIGUSR1: no new work until SIGUSR2 */
     unsigned interrupted; /* jobs cut off by the forced stage or a lost connection */
     unsigned long done;   /* jobs ended, whatever their outcome */
     bool forcing;         /* the count hook began the forced stage (see urgent) */
@@ -42,7 +43,7 @@ typedef struct host {
     ev_tstamp outage_since;
     unsigned attempts;
     double backoff;
-    ev_signal sigint, sigterm, sighup;
+    ev_signal sigint, sigterm, sighup, sigquiet, sigresume;
     ev_timer drain_timer;
     ev_tstamp drain_deadline; /* wall clock, for the count hook (see urgent) */
     ev_timer retry_timer;     /* reconnect, or re-consume after a cancel */
@@ -62,8 +63,9 @@ static void send_status(host *h, const char *extra) {
     char now[sizeof h->status];
     size_t n = in_flight(h);
     const char *what = h->state == CONNECTING ? (h->ever_connected ? "reconnecting" : "connecting")
-                       : h->state == RUNNING
-                           ? (h->consuming ? "consuming" : "waiting for the queue")
+                       : h->state == RUNNING  ? (h->quiet       ? "quiet"
+                                                 : h->consuming ? "consuming"
+                                                                : "waiting for the queue")
                        : h->state == DRAINING ? "draining"
                                               : "closing";
     snprintf(now, sizeof now, "%s '%s': %zu job%s in flight, %lu done", what, h->cfg->queue, n,
@@ -118,12 +120,22 @@ static void try_connect(host *h) {
     wr_broker_connect(h->broker, timeout);
 }
 
+/* While quiet, a consumer that came back (a reconnect, a resume that met a
+ * second SIGUSR1) is cancelled again at once. */
+static void stay_quiet(host *h) {
+    if (!h->quiet || !h->consuming) return;
+    wr_broker_cancel(h->broker);
+    h->consuming = false;
+}
+
 static void on_consuming(void *ud) {
     host *h = ud;
     if (h->state == RUNNING) {
         wr_info("consuming '%s' again", h->cfg->queue);
         h->consuming = true;
         h->backoff = BACKOFF_MIN;
+        stay_quiet(h);
+        send_status(h, NULL);
         return;
     }
     if (h->ever_connected)
@@ -140,6 +152,7 @@ static void on_consuming(void *ud) {
     h->state = RUNNING;
     h->attempts = 0;
     h->backoff = BACKOFF_MIN;
+    stay_quiet(h);
     send_status(h, first ? "READY=1" : NULL);
 }
 
@@ -186,7 +199,7 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
         try_connect(h);
         return;
     }
-    if (h->state != RUNNING || h->consuming) return;
+    if (h->state != RUNNING || h->consuming || h->quiet) return;
     /* Jobs still running hold tags of this channel; a failed re-consume
      * closes it. Let them finish first, as a cancel promises. */
     if (in_flight(h) > 0 || wr_broker_consume(h->broker)) {
@@ -198,7 +211,7 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 static void on_delivery(void *ud, wr_delivery *d) {
     host *h = ud;
     char err[256];
-    int rc = h->state == RUNNING
+    int rc = h->state == RUNNING && !h->quiet
                  ? wr_job_start(h->sched, wr_reloader_current(h->reloader), d, err, sizeof err)
                  : -1;
     if (rc == 0) return;
@@ -211,8 +224,8 @@ static void on_delivery(void *ud, wr_delivery *d) {
         wr_broker_release(h->broker, d);
         return;
     }
-    /* Draining (or no memory for a job): hand it back unstarted. */
-    if (h->state == RUNNING) wr_error("cannot start a job (%s); handing it back", err);
+    /* Draining, quiet (or no memory for a job): hand it back unstarted. */
+    if (h->state == RUNNING && !h->quiet) wr_error("cannot start a job (%s); handing it back", err);
     wr_broker_settle(h->broker, d, WR_SETTLE_REQUEUE);
     wr_debug("handed back unstarted message (tag %llu)", (unsigned long long)d->tag);
     wr_broker_release(h->broker, d);
@@ -271,9 +284,13 @@ static const char *outcome_name(wr_outcome o) {
            (d)->props.message_id.len ? (char *)(d)->props.message_id.bytes : "",                   \
            (d)->props.message_id.len ? " " : "", (unsigned long long)(d)->tag, __VA_ARGS__)
 
-/* The end of the drain, once nothing is in flight any more. */
+/* The end of the drain, once nothing is in flight any more; or of the
+ * quiet stage's last job. */
 static void maybe_drained(host *h) {
-    if (h->state == DRAINING && in_flight(h) == 0) ev_timer_start(h->loop, &h->stop_timer);
+    if (in_flight(h) > 0) return;
+    if (h->state == DRAINING) ev_timer_start(h->loop, &h->stop_timer);
+    if (h->state == RUNNING && h->quiet)
+        wr_info("quiet: all jobs finished; idle until SIGTERM, or SIGUSR2 to consume again");
 }
 
 /* A failed job's message: the failure policy decides. Returns how to settle
@@ -428,6 +445,39 @@ static bool urgent(void *ud) {
     return force;
 }
 
+/* SIGUSR1, the quiet stage: stop taking work but stay connected. The
+ * consumer is cancelled (what the broker sends until cancel-ok is handed
+ * back), jobs in flight finish and are acked, and the worker idles. */
+static void quiet_cb(struct ev_loop *loop, ev_signal *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    if (h->quiet || h->state == DRAINING || h->state == CLOSING || h->state == STOPPED) return;
+    h->quiet = true;
+    ev_timer_stop(h->loop, &h->retry_timer); /* a re-consume after a cancel waits for SIGUSR2 */
+    stay_quiet(h);
+    size_t n = in_flight(h);
+    wr_info("received SIGUSR1: quiet: no new work; %zu job%s in flight finish%s; SIGUSR2 consumes "
+            "again",
+            n, n == 1 ? "" : "s", n == 1 ? "es" : "");
+    send_status(h, NULL);
+    maybe_drained(h);
+}
+
+/* SIGUSR2 ends the quiet stage: the consumer comes back as after a cancel
+ * by the broker, once the jobs of the old one have finished. */
+static void resume_cb(struct ev_loop *loop, ev_signal *w, int revents) {
+    (void)loop, (void)revents;
+    host *h = w->data;
+    if (!h->quiet || h->state == DRAINING || h->state == CLOSING || h->state == STOPPED) return;
+    h->quiet = false;
+    wr_info("received SIGUSR2: consuming '%s' again", h->cfg->queue);
+    if (h->state == RUNNING && !h->consuming) {
+        h->backoff = BACKOFF_MIN;
+        schedule_retry(h);
+    }
+    send_status(h, NULL);
+}
+
 /* A reload is RELOADING=1 for the service manager until it ends. */
 static void on_reload(void *ud, wr_reload_event ev) {
     host *h = ud;
@@ -514,10 +564,14 @@ int wr_host_run(const wr_config *cfg) {
     ev_signal_init(&h->sigint, signal_cb, SIGINT);
     ev_signal_init(&h->sigterm, signal_cb, SIGTERM);
     ev_signal_init(&h->sighup, sighup_cb, SIGHUP);
-    h->sigint.data = h->sigterm.data = h->sighup.data = h;
+    ev_signal_init(&h->sigquiet, quiet_cb, SIGUSR1);
+    ev_signal_init(&h->sigresume, resume_cb, SIGUSR2);
+    h->sigint.data = h->sigterm.data = h->sighup.data = h->sigquiet.data = h->sigresume.data = h;
     ev_signal_start(h->loop, &h->sigint);
     ev_signal_start(h->loop, &h->sigterm);
     ev_signal_start(h->loop, &h->sighup);
+    ev_signal_start(h->loop, &h->sigquiet);
+    ev_signal_start(h->loop, &h->sigresume);
     /* libev's handlers only mark the signal for the loop; ours also counts
      * it, so a job computing where it cannot yield learns of it. */
     struct sigaction sa = {0};
@@ -550,6 +604,8 @@ int wr_host_run(const wr_config *cfg) {
     sigaddset(&late, SIGINT);
     sigaddset(&late, SIGTERM);
     sigaddset(&late, SIGHUP);
+    sigaddset(&late, SIGUSR1);
+    sigaddset(&late, SIGUSR2);
     sigprocmask(SIG_BLOCK, &late, NULL);
     wr_spawn_shutdown(); /* no child outlives warren */
 
@@ -563,6 +619,8 @@ int wr_host_run(const wr_config *cfg) {
     ev_signal_stop(h->loop, &h->sigint);
     ev_signal_stop(h->loop, &h->sigterm);
     ev_signal_stop(h->loop, &h->sighup);
+    ev_signal_stop(h->loop, &h->sigquiet);
+    ev_signal_stop(h->loop, &h->sigresume);
     ev_loop_destroy(h->loop);
     return h->exit_code;
 }
