@@ -197,25 +197,11 @@ describe("safety", function()
 
   -- A reload whose main chunk never ends: sliced like a job where it can
   -- yield, and ended after 5 s however it catches errors.
-  local function ticker(rec)
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        local stop = now() + tonumber(body)
-        while now() < stop do
-          record("tick", msg.message_id, now())
-          warren.sleep(0.01)
-        end
-        record("end", msg.message_id)
-      end]])
-    return script
-  end
-
   it("keeps a ticking job's gaps under 100 ms while a pcall-looping reload runs out its 5 s",
     function()
     local q = H.queue("tick")
     local rec = H.record_file()
-    local script = ticker(rec)
+    local script = H.script(H.TICKER_LUA)
     local proc = H.worker(script, q, { "--no-watch" }, { [H.RECORD_ENV] = rec })
     H.publish(q, 1, { prefix = "ticker", body = "9" })
     H.wait_until(function() return by_id(rec).tick end, 10, "ticking")
@@ -225,14 +211,7 @@ describe("safety", function()
     proc:wait_log("reload %(SIGHUP%) failed, version 1 keeps serving: [^\n]*:1: still loading "
       .. "after 5 s", 15, mark)
     H.wait_until(function() return by_id(rec)["end"] end, 15, "the ticker to end")
-    local last, worst, ticks = nil, 0, 0
-    for _, r in ipairs(H.records(rec)) do
-      if r[1] == "tick" then
-        local t = tonumber(r[3])
-        if last then worst = math.max(worst, t - last) end
-        last, ticks = t, ticks + 1
-      end
-    end
+    local ticks, worst = H.largest_gap(rec)
     assert.is_true(ticks > 100, ticks .. " ticks")
     assert.is_true(worst < 0.1, "a gap of " .. worst .. " s")
     assert.equal(0, H.term(proc))
@@ -242,7 +221,7 @@ describe("safety", function()
     function()
     local q = H.queue("tick-sort")
     local rec = H.record_file()
-    local script = ticker(rec)
+    local script = H.script(H.TICKER_LUA)
     local proc = H.worker(script, q, { "--no-watch", "--heartbeat", "1", "--log-level", "debug" },
       { [H.RECORD_ENV] = rec })
     local spin = "table.sort({ 3, 1, 2 }, function(a, b)\n"

@@ -1,6 +1,7 @@
 #include "warren/config.h"
 
 #include <amqp.h>
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
@@ -36,6 +37,8 @@ const char wr_usage[] =
     "                             allocation past it fails its job (default 0 = no limit)\n"
     "      --no-watch             do not reload the script when its files change\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
+    "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
+    "                             (every interface, or the numeric HOST); default off\n"
     "\n"
     "exit codes: 0 clean drain, 64 bad usage, 69 broker unreachable, 75 forced exit\n"
     "(jobs handed back), 78 the script does not load or has no handle\n";
@@ -125,6 +128,7 @@ enum opt_id {
     OPT_MEMORY_LIMIT,
     OPT_NO_WATCH,
     OPT_LOG_LEVEL,
+    OPT_METRICS,
     OPT_COUNT
 };
 
@@ -147,7 +151,33 @@ static const struct option_spec {
     [OPT_MEMORY_LIMIT] = {0, "memory-limit", "WARREN_MEMORY_LIMIT", true},
     [OPT_NO_WATCH] = {0, "no-watch", "WARREN_NO_WATCH", false},
     [OPT_LOG_LEVEL] = {0, "log-level", "WARREN_LOG_LEVEL", true},
+    [OPT_METRICS] = {0, "metrics", "WARREN_METRICS", true},
 };
+
+/* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
+static int parse_listen(wr_config *c, const char *v) {
+    const char *colon = strrchr(v, ':');
+    const char *port = colon ? colon + 1 : v;
+    if (parse_int(port, 1, 65535, &c->metrics_port)) return -1;
+    if (!colon) return 0;
+    size_t n = (size_t)(colon - v);
+    if (n >= 2 && v[0] == '[' && v[n - 1] == ']') {
+        v++;
+        n -= 2;
+    }
+    if (n == 9 && strncmp(v, "localhost", 9) == 0) {
+        v = "127.0.0.1";
+        n = 9;
+    }
+    if (n == 0 || n >= sizeof c->metrics_host) return -1;
+    memcpy(c->metrics_host, v, n);
+    c->metrics_host[n] = '\0';
+    unsigned char addr[16];
+    return inet_pton(AF_INET, c->metrics_host, addr) == 1 ||
+                   inet_pton(AF_INET6, c->metrics_host, addr) == 1
+               ? 0
+               : -1;
+}
 
 /* Applies one option value; from names where it came from in messages. */
 static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, char *err,
@@ -210,6 +240,13 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
     case OPT_LOG_LEVEL:
         if (wr_log_parse_level(v, &c->log_level))
             return fail(err, errlen, "%s: expected debug, info, warn or error, got '%s'", from, v);
+        return 0;
+    case OPT_METRICS:
+        if (parse_listen(c, v))
+            return fail(err, errlen,
+                        "%s: expected [HOST:]PORT with a numeric HOST (e.g. 9300, "
+                        "127.0.0.1:9300 or [::1]:9300), got '%s'",
+                        from, v);
         return 0;
     case OPT_COUNT:
         break;

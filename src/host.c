@@ -9,14 +9,18 @@
 #include "warren/job.h"
 #include "warren/load.h"
 #include "warren/log.h"
+#include "warren/metrics.h"
 #include "warren/notify.h"
 #include "warren/reload.h"
 #include "warren/retry.h"
 #include "warren/spawn.h"
+#include "warren/stats.h"
 
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 30.0
 #define CLOSE_TIMEOUT 2.0
+/* Seconds between two measurements of the loop's lag. */
+#define LAG_INTERVAL 0.1
 
 typedef enum { CONNECTING, RUNNING, DRAINING, CLOSING, STOPPED } host_state;
 
@@ -31,6 +35,11 @@ typedef struct host {
     wr_notify *notify;     /* the service manager */
     char status[160];      /* the STATUS= it was last sent */
     ev_timer status_timer; /* sends a changed STATUS= once a second */
+    wr_stats stats;        /* what /metrics serves */
+    wr_metrics *metrics;   /* --metrics, or NULL */
+    ev_timer lag_timer;    /* measures how late the loop runs timers (metrics only) */
+    double lag_due;        /* ev_time() at which lag_timer should fire */
+    double start_time;     /* Unix seconds */
     host_state state;
     int exit_code;
     bool ever_connected;
@@ -58,18 +67,26 @@ static size_t in_flight(const host *h) {
 
 /* Tells the service manager the state, when it changed: "consuming 'q': 2
  * jobs in flight, 40 done"; extra ("READY=1") goes with it, changed or not. */
+/* The state in a word or three, for STATUS= and /healthz. */
+static const char *state_name(const host *h) {
+    switch (h->state) {
+    case CONNECTING:
+        return h->ever_connected ? "reconnecting" : "connecting";
+    case RUNNING:
+        return h->quiet ? "quiet" : h->consuming ? "consuming" : "waiting for the queue";
+    case DRAINING:
+        return "draining";
+    default:
+        return "closing";
+    }
+}
+
 static void send_status(host *h, const char *extra) {
     if (!wr_notify_enabled(h->notify)) return;
     char now[sizeof h->status];
     size_t n = in_flight(h);
-    const char *what = h->state == CONNECTING ? (h->ever_connected ? "reconnecting" : "connecting")
-                       : h->state == RUNNING  ? (h->quiet       ? "quiet"
-                                                 : h->consuming ? "consuming"
-                                                                : "waiting for the queue")
-                       : h->state == DRAINING ? "draining"
-                                              : "closing";
-    snprintf(now, sizeof now, "%s '%s': %zu job%s in flight, %lu done", what, h->cfg->queue, n,
-             n == 1 ? "" : "s", h->done);
+    snprintf(now, sizeof now, "%s '%s': %zu job%s in flight, %lu done", state_name(h),
+             h->cfg->queue, n, n == 1 ? "" : "s", h->done);
     if (!extra && strcmp(now, h->status) == 0) return;
     memcpy(h->status, now, sizeof now);
     wr_notify_send(h->notify, "%s%sSTATUS=%s", extra ? extra : "", extra ? "\n" : "", now);
@@ -147,6 +164,7 @@ static void on_consuming(void *ud) {
                 wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script,
                 wr_reloader_current(h->reloader)->version);
     bool first = !h->ever_connected;
+    if (!first) h->stats.reconnects++;
     h->ever_connected = true;
     h->consuming = true;
     h->state = RUNNING;
@@ -211,6 +229,7 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 static void on_delivery(void *ud, wr_delivery *d) {
     host *h = ud;
     char err[256];
+    h->stats.deliveries[d->redelivered ? 1 : 0]++;
     int rc = h->state == RUNNING && !h->quiet
                  ? wr_job_start(h->sched, wr_reloader_current(h->reloader), d, err, sizeof err)
                  : -1;
@@ -319,6 +338,21 @@ static void on_retried(void *ud, wr_delivery *d, const char *err) {
     maybe_drained(h);
 }
 
+/* The job's outcome for warren_jobs_total: for a failed one, what the
+ * failure policy made of it (how: the settle, or -1 for a retry copy). */
+static void count_job(host *h, const wr_job *job, wr_outcome outcome, int how) {
+    wr_stat_outcome so = outcome == WR_OUT_ACK           ? WR_STAT_ACK
+                         : outcome == WR_OUT_REQUEUE     ? WR_STAT_REQUEUE
+                         : outcome == WR_OUT_REJECT      ? WR_STAT_REJECT
+                         : outcome == WR_OUT_INTERRUPTED ? WR_STAT_INTERRUPTED
+                         : how < 0                       ? WR_STAT_RETRY
+                         : how == WR_SETTLE_REJECT       ? WR_STAT_REJECT
+                                                         : WR_STAT_REQUEUE;
+    h->stats.jobs[so]++;
+    if (outcome == WR_OUT_FAILED) h->stats.job_errors++;
+    wr_hist_observe(&h->stats.job_duration, wr_clock() - wr_job_started(job));
+}
+
 static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
     host *h = ud;
     wr_delivery *d = wr_job_delivery(job);
@@ -326,6 +360,7 @@ static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
               : outcome == WR_OUT_REJECT ? WR_SETTLE_REJECT
               : outcome == WR_OUT_FAILED ? after_failure(h, job)
                                          : WR_SETTLE_REQUEUE;
+    count_job(h, job, outcome, how);
     if (how < 0) return; /* on_retried settles it */
     bool settled = wr_broker_settle(h->broker, d, (wr_settle)how) == 0;
     h->done++;
@@ -481,6 +516,8 @@ static void resume_cb(struct ev_loop *loop, ev_signal *w, int revents) {
 /* A reload is RELOADING=1 for the service manager until it ends. */
 static void on_reload(void *ud, wr_reload_event ev) {
     host *h = ud;
+    if (ev == WR_RELOAD_DONE) h->stats.reloads_ok++;
+    if (ev == WR_RELOAD_FAILED) h->stats.reloads_failed++;
     if (ev == WR_RELOAD_BEGINS)
         wr_notify_send(h->notify, "RELOADING=1\nMONOTONIC_USEC=%llu", wr_notify_monotonic_usec());
     else
@@ -509,8 +546,46 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     }
 }
 
+static char *serve_metrics(void *ud, size_t *len) {
+    host *h = ud;
+    wr_gauges g = {.queue = h->cfg->queue,
+                   .in_flight = in_flight(h),
+                   .connected = wr_broker_connected(h->broker),
+                   .script_version = wr_reloader_current(h->reloader)->version,
+                   .start_time = h->start_time};
+    return wr_stats_render(&h->stats, &g, len);
+}
+
+/* Healthy while connected and consuming, quiet or draining. */
+static bool serve_health(void *ud, char *json, size_t len) {
+    host *h = ud;
+    bool connected = wr_broker_connected(h->broker);
+    bool ok =
+        connected && (h->state == DRAINING || (h->state == RUNNING && (h->consuming || h->quiet)));
+    snprintf(json, len,
+             "{\"status\":\"%s\",\"state\":\"%s\",\"connected\":%s,\"in_flight\":%zu,"
+             "\"done\":%lu,\"version\":%u}",
+             ok ? "ok" : "unavailable", state_name(h), connected ? "true" : "false", in_flight(h),
+             h->done, wr_reloader_current(h->reloader)->version);
+    return ok;
+}
+
+/* How late the loop ran a timer that was due at lag_due; then the next. */
+static void lag_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)revents;
+    host *h = w->data;
+    double now = ev_time();
+    wr_hist_observe(&h->stats.loop_lag, now - h->lag_due);
+    ev_now_update(loop);
+    h->lag_due = ev_time() + LAG_INTERVAL;
+    ev_timer_set(w, LAG_INTERVAL, 0);
+    ev_timer_start(loop, w);
+}
+
 /* Frees what wr_host_run made before the loop could run. */
 static int give_up(host *h, int code) {
+    wr_metrics_free(h->metrics);
+    wr_notify_free(h->notify);
     wr_reloader_free(h->reloader);
     wr_retrier_free(h->retrier);
     if (h->broker) wr_broker_free(h->broker);
@@ -523,6 +598,8 @@ int wr_host_run(const wr_config *cfg) {
     host hs = {0}, *h = &hs;
     char err[512];
     h->cfg = cfg;
+    wr_stats_init(&h->stats);
+    h->start_time = ev_time();
     /* Not the default loop: libev's default loop reaps every child on
      * SIGCHLD, which would take io.popen's and os.execute's exit status. */
     h->loop = ev_loop_new(EVFLAG_AUTO);
@@ -544,6 +621,7 @@ int wr_host_run(const wr_config *cfg) {
     h->ctx = (wr_ctx){.loop = h->loop,
                       .cfg = cfg,
                       .pub = wr_broker_publisher(h->broker),
+                      .stats = &h->stats,
                       .urgent = urgent,
                       .urgent_ud = h};
     wr_sched_set_job_timeout(h->sched, cfg->job_timeout);
@@ -559,6 +637,17 @@ int wr_host_run(const wr_config *cfg) {
     if (!h->notify) {
         wr_error("out of memory");
         return give_up(h, WR_EXIT_UNAVAILABLE);
+    }
+    if (cfg->metrics_port) {
+        static const wr_metrics_source source = {serve_metrics, serve_health, NULL};
+        wr_metrics_source src = source;
+        src.ud = h;
+        h->metrics =
+            wr_metrics_start(h->loop, cfg->metrics_host, cfg->metrics_port, &src, err, sizeof err);
+        if (!h->metrics) {
+            wr_error("%s", err);
+            return give_up(h, WR_EXIT_UNAVAILABLE);
+        }
     }
     signal(SIGPIPE, SIG_IGN);
     ev_signal_init(&h->sigint, signal_cb, SIGINT);
@@ -584,6 +673,12 @@ int wr_host_run(const wr_config *cfg) {
     ev_timer_init(&h->retry_timer, retry_cb, 0, 0);
     ev_timer_init(&h->stop_timer, stop_cb, 0, 0);
     ev_timer_init(&h->status_timer, status_cb, 1, 1);
+    ev_timer_init(&h->lag_timer, lag_cb, LAG_INTERVAL, 0);
+    h->lag_timer.data = h;
+    if (h->metrics) {
+        h->lag_due = ev_time() + LAG_INTERVAL;
+        ev_timer_start(h->loop, &h->lag_timer);
+    }
     h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h->status_timer.data = h;
     if (wr_notify_enabled(h->notify)) {
         send_status(h, NULL);
@@ -614,7 +709,9 @@ int wr_host_run(const wr_config *cfg) {
     wr_sched_free(h->sched);
     wr_reloader_free(h->reloader);
     ev_timer_stop(h->loop, &h->status_timer);
+    ev_timer_stop(h->loop, &h->lag_timer);
     wr_notify_free(h->notify);
+    wr_metrics_free(h->metrics);
     /* Signal handlers outlive the loop: a late signal must not reach it. */
     ev_signal_stop(h->loop, &h->sigint);
     ev_signal_stop(h->loop, &h->sigterm);

@@ -26,6 +26,7 @@ struct wr_job {
     bool closing;      /* ending: its coroutine is being closed, no wait may start */
     bool interrupt;    /* the hook ends it: the forced stage came while it computed */
     double expires;    /* monotonic time of its --job-timeout, 0 for none */
+    double started;
     double resumed_at;
     wr_job *prev, *next; /* all running jobs */
     wr_job *next_ready;  /* jobs to resume on the next loop turn */
@@ -88,6 +89,9 @@ wr_job *wr_job_need_wait(lua_State *L, const char *fn) {
 
 wr_delivery *wr_job_delivery(const wr_job *j) {
     return j->delivery;
+}
+double wr_job_started(const wr_job *j) {
+    return j->started;
 }
 unsigned wr_job_version(const wr_job *j) {
     return j->vm->version;
@@ -286,6 +290,7 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
     j->delivery = d;
     j->decided = -1;
     j->failure = -1;
+    j->started = wr_clock();
     wr_vm_ref(vm);
     *job_slot(j->co) = j;
     ev_timer_init(&j->timer, timer_cb, 0, 0);

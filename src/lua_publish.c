@@ -14,6 +14,7 @@
 #include "warren/lua_api.h"
 #include "warren/publisher.h"
 #include "warren/retry.h"
+#include "warren/stats.h"
 
 #define MAX_DEPTH 16
 
@@ -23,6 +24,7 @@ typedef struct confirm_wait {
     wr_publisher *pub;
     uint64_t id; /* the publisher's handle */
     bool retry;  /* the original is acked on confirm, requeued on failure */
+    wr_stats *stats;
 } confirm_wait;
 
 /* Protected (wr_job_results): true, or nil and the error (argument 1). */
@@ -41,6 +43,12 @@ static void confirmed(void *ctx, const char *err) {
     confirm_wait *w = ctx;
     wr_job *j = w->job;
     if (w->retry) wr_job_decide(j, err ? WR_OUT_REQUEUE : WR_OUT_ACK);
+    if (w->stats) {
+        if (err)
+            w->stats->publishes_failed++;
+        else
+            w->stats->publishes_ok++;
+    }
     free(w);
     int n = wr_job_results(j, push_confirm, (void *)err);
     if (n < 0)
@@ -90,8 +98,10 @@ static int send_and_wait(lua_State *L, wr_job *j, wr_publisher *pub, const wr_me
     confirm_wait *w = calloc(1, sizeof *w);
     uint64_t id = w ? wr_publisher_send(pub, m, confirmed, w, err, sizeof err) : 0;
     empty_amqp_pool(pool);
+    wr_stats *stats = context(L)->stats;
     if (!id) {
         free(w);
+        if (stats) stats->publishes_failed++;
         if (retry) wr_job_decide(j, WR_OUT_REQUEUE);
         lua_pushnil(L);
         lua_pushstring(L, err);
@@ -101,6 +111,7 @@ static int send_and_wait(lua_State *L, wr_job *j, wr_publisher *pub, const wr_me
     w->pub = pub;
     w->id = id;
     w->retry = retry;
+    w->stats = stats;
     wr_job_wait(j, WR_WAIT_CONFIRM, cancel_wait, w);
     return lua_yield(L, 0);
 }

@@ -18,6 +18,7 @@
 #include "warren/context.h"
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/stats.h"
 
 extern char **environ;
 
@@ -32,9 +33,10 @@ typedef struct capture {
 
 typedef struct child {
     struct ev_loop *loop;
-    wr_job *job; /* NULL once the job is gone: the child is only being ended */
-    pid_t pid;   /* also the id of its process group */
-    bool exited; /* reaped, status is valid */
+    wr_job *job;     /* NULL once the job is gone: the child is only being ended */
+    wr_stats *stats; /* counts how it ended; NULL: not counted */
+    pid_t pid;       /* also the id of its process group */
+    bool exited;     /* reaped, status is valid */
     int status;
     bool terminated; /* the group was sent SIGTERM */
     bool killed;     /* the group was sent SIGKILL */
@@ -155,6 +157,12 @@ static int push_result(lua_State *L) {
 static void maybe_done(child *c) {
     if (!c->job || !c->exited || c->out.w.fd >= 0 || c->err.w.fd >= 0) return;
     wr_job *j = c->job;
+    if (c->stats) {
+        if (WIFEXITED(c->status) && WEXITSTATUS(c->status) == 0 && !c->timed_out)
+            c->stats->spawns_ok++;
+        else
+            c->stats->spawns_failed++;
+    }
     int n = wr_job_results(j, push_result, c);
     free_child(c);
     if (n < 0)
@@ -563,6 +571,7 @@ int wr_spawn_lua(lua_State *L) {
     /* The vm, upvalue of the warren module's functions, has the loop. */
     const wr_vm *vm = lua_touserdata(L, lua_upvalueindex(1));
     child *c = start(vm->ctx->loop, &rq, err, sizeof err);
+    if (!c && vm->ctx->stats) vm->ctx->stats->spawns_error++;
     if (!c) {
         lua_pushnil(L);
         lua_pushstring(L, err);
@@ -570,6 +579,7 @@ int wr_spawn_lua(lua_State *L) {
     }
     wr_debug("spawned %s as pid %d", rq.argv[0], (int)c->pid);
     c->job = j;
+    c->stats = vm->ctx->stats;
     wr_job_wait(j, WR_WAIT_CHILD, cancel_cb, c);
     return lua_yield(L, 0);
 }

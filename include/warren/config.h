@@ -40,7 +40,9 @@ typedef struct wr_config {
     double job_timeout;     /* seconds a job may run before it fails, 0 = no limit */
     int memory_limit;       /* MiB each script version's Lua state may hold, 0 = no limit */
     bool declare;
-    bool watch; /* reload when the script changes */
+    bool watch;            /* reload when the script changes */
+    int metrics_port;      /* --metrics: 0 = no metrics server */
+    char metrics_host[64]; /* its numeric address; "" = every interface */
     wr_log_level log_level;
     const char *script;
     char **bodies; /* try: bodies from the command line (argv memory) */

@@ -11,6 +11,7 @@
 struct ev_loop;
 struct wr_config;
 struct wr_publisher;
+struct wr_stats;
 
 /* The host's urgent work while Lua computes where it cannot yield (a nested
  * coroutine, behind a C function, a main chunk): keep connections alive,
@@ -24,6 +25,7 @@ typedef struct wr_ctx {
     const struct wr_config *cfg; /* NULL in `warren check` */
     struct wr_publisher *pub;    /* NULL where publishing is only logged (`warren try`) */
     bool draining;               /* warren.draining() */
+    struct wr_stats *stats;      /* counts publishes and spawns; NULL: not counted */
     wr_urgent_fn urgent;         /* NULL: nothing is urgent */
     void *urgent_ud;
 } wr_ctx;

@@ -85,8 +85,10 @@ wr_job *wr_job_need(lua_State *L, const char *fn);
  * error naming warren.fn, and nothing was started. */
 wr_job *wr_job_need_wait(lua_State *L, const char *fn);
 
-/* The message of the job, and the version it runs. */
+/* The message of the job, the version it runs, and when it started
+ * (wr_clock). */
 wr_delivery *wr_job_delivery(const wr_job *j);
+double wr_job_started(const wr_job *j);
 unsigned wr_job_version(const wr_job *j);
 
 /* Suspends the job for seconds; call as `return wr_job_sleep(...)` from a

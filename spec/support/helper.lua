@@ -41,6 +41,7 @@ H.WARREN_OPTION_VARS = {
   "WARREN_URL", "WARREN_QUEUE", "WARREN_PREFETCH", "WARREN_DRAIN_TIMEOUT", "WARREN_HEARTBEAT",
   "WARREN_DECLARE", "WARREN_LOG_LEVEL", "WARREN_WATCH", "WARREN_NO_WATCH",
   "WARREN_MAX_RETRIES", "WARREN_ON_ERROR", "WARREN_JOB_TIMEOUT", "WARREN_MEMORY_LIMIT",
+  "WARREN_CONNECT_TIMEOUT", "WARREN_METRICS", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
 }
 
 ---------------------------------------------------------------------------- basics
@@ -203,6 +204,32 @@ H.RECORD_LUA = "local record, now; do "
   .. "local f = assert(io.open(assert(os.getenv('WARREN_TEST_RECORD'), "
   .. "'WARREN_TEST_RECORD is not set'), 'a')); "
   .. "f:write(table.concat(t, ' ', 1, t.n), '\\n'); f:close() end end; "
+
+-- H.TICKER_LUA: a job script whose handle records "tick ID TIME" every 10 ms of sleep for
+-- BODY seconds, then "end ID": the gaps between ticks show how long the loop was held.
+H.TICKER_LUA = H.RECORD_LUA .. [[
+  local warren = require "warren"
+  function handle(body, msg)
+    local stop = now() + tonumber(body)
+    while now() < stop do
+      record("tick", msg.message_id, now())
+      warren.sleep(0.01)
+    end
+    record("end", msg.message_id)
+  end]]
+
+-- H.largest_gap(rec) -> how many ticks the record file holds and the longest time between two.
+function H.largest_gap(rec)
+  local last, worst, ticks = nil, 0, 0
+  for _, r in ipairs(H.records(rec)) do
+    if r[1] == "tick" then
+      local t = tonumber(r[3])
+      if last then worst = math.max(worst, t - last) end
+      last, ticks = t, ticks + 1
+    end
+  end
+  return ticks, worst
+end
 
 -- H.record_file() -> a fresh path for a record file (not created yet).
 function H.record_file()
