@@ -179,11 +179,13 @@ end
     assert.equal(1, code)
     assert.equal("try-1: ack\ntry-2: retry\ntry-3: ack\n", out)
     local p = literal(path)
-    assert.matches("error job try%-2 %(tag 2%) failed: " .. p .. ":2: bad body x1\n"
-      .. "stack traceback:\n", err)
+    -- One record, the traceback escaped onto its line.
+    assert.matches("error job try%-2 %(tag 2%) failed: " .. p .. ":2: bad body x1\\n"
+      .. "stack traceback:\\n", err)
     assert.matches("warn  job try-2 (tag 2) failed: retry in 1 s as attempt 1 of 5\n", err, 1, true)
-    assert.matches("\n\t" .. p .. ":2: in upvalue 'inner'\n", err)
-    assert.matches("\n\t" .. p .. ":5: in function 'handle'", err)
+    assert.matches("\\n\\t" .. p .. ":2: in upvalue 'inner'\\n", err)
+    assert.matches("\\n\\t" .. p .. ":5: in function 'handle'", err)
+    assert.equal(2, select(2, err:gsub("\n", "")), err)
     assert.is_nil(err:find("fine", 1, true))
   end)
 

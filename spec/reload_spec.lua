@@ -130,7 +130,7 @@ describe("reload", function()
       H.write_file(release, "")
       H.wait_until(function() return ended(rec, "held1") end, 10, "held1 to end")
       assert.same({ "1", "one" }, { ended(rec, "held1")[3], ended(rec, "held1")[4] })
-      proc:wait_log("closed script version 1; 1 versions alive", 10, mark)
+      proc:wait_log("closed script version 1; 1 version alive", 10, mark)
 
       H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
       assert.equal(0, H.term(proc))
@@ -251,7 +251,7 @@ end
     -- Every old version is closed once its last job has ended.
     local function alive_counts()
       local list = {}
-      for n in proc:log():gmatch("(%d+) versions alive") do list[#list + 1] = tonumber(n) end
+      for n in proc:log():gmatch("(%d+) versions? alive") do list[#list + 1] = tonumber(n) end
       return list
     end
     H.wait_until(function()

@@ -37,6 +37,7 @@ const char wr_usage[] =
     "                             allocation past it fails its job (default 0 = no limit)\n"
     "      --no-watch             do not reload the script when its files change\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
+    "      --log-format FORMAT    text, logfmt or json, one record per line (default text)\n"
     "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
     "                             (every interface, or the numeric HOST); default off\n"
     "\n"
@@ -129,6 +130,7 @@ enum opt_id {
     OPT_NO_WATCH,
     OPT_LOG_LEVEL,
     OPT_METRICS,
+    OPT_LOG_FORMAT,
     OPT_COUNT
 };
 
@@ -152,6 +154,7 @@ static const struct option_spec {
     [OPT_NO_WATCH] = {0, "no-watch", "WARREN_NO_WATCH", false},
     [OPT_LOG_LEVEL] = {0, "log-level", "WARREN_LOG_LEVEL", true},
     [OPT_METRICS] = {0, "metrics", "WARREN_METRICS", true},
+    [OPT_LOG_FORMAT] = {0, "log-format", "WARREN_LOG_FORMAT", true},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -240,6 +243,10 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
     case OPT_LOG_LEVEL:
         if (wr_log_parse_level(v, &c->log_level))
             return fail(err, errlen, "%s: expected debug, info, warn or error, got '%s'", from, v);
+        return 0;
+    case OPT_LOG_FORMAT:
+        if (wr_log_parse_format(v, &c->log_format))
+            return fail(err, errlen, "%s: expected text, logfmt or json, got '%s'", from, v);
         return 0;
     case OPT_METRICS:
         if (parse_listen(c, v))
@@ -373,6 +380,7 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
     }
     if (c->nurls == 0 && add_urls(c, "amqp://guest:guest@localhost:5672/", err, errlen)) goto out;
     wr_log_set_level(c->log_level);
+    wr_log_set_format(c->log_format);
 
     int first = 0;
     if (npos > 0 && !strcmp(positional[0], "check")) {

@@ -86,7 +86,7 @@ static void send_status(host *h, const char *extra) {
     char now[sizeof h->status];
     size_t n = in_flight(h);
     snprintf(now, sizeof now, "%s '%s': %zu job%s in flight, %lu done", state_name(h),
-             h->cfg->queue, n, n == 1 ? "" : "s", h->done);
+             h->cfg->queue, n, wr_plural(n), h->done);
     if (!extra && strcmp(now, h->status) == 0) return;
     memcpy(h->status, now, sizeof now);
     wr_notify_send(h->notify, "%s%sSTATUS=%s", extra ? extra : "", extra ? "\n" : "", now);
@@ -156,9 +156,9 @@ static void on_consuming(void *ud) {
         return;
     }
     if (h->ever_connected)
-        wr_info("reconnected to %s after %u attempts (%.1f s); consuming '%s' again",
-                wr_broker_where(h->broker), h->attempts + 1, ev_now(h->loop) - h->outage_since,
-                h->cfg->queue);
+        wr_info("reconnected to %s after %u attempt%s (%.1f s); consuming '%s' again",
+                wr_broker_where(h->broker), h->attempts + 1, wr_plural(h->attempts + 1),
+                ev_now(h->loop) - h->outage_since, h->cfg->queue);
     else
         wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
                 wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script,
@@ -254,9 +254,10 @@ static void on_cancelled(void *ud) {
     host *h = ud;
     if (h->state != RUNNING) return;
     h->consuming = false;
-    wr_warn("the broker cancelled the consumer of '%s' (queue deleted?); %zu jobs in flight "
-            "finish, consuming again when the queue is back",
-            h->cfg->queue, wr_sched_running(h->sched));
+    size_t n = wr_sched_running(h->sched);
+    wr_warn("the broker cancelled the consumer of '%s' (queue deleted?); %zu job%s in flight "
+            "finish%s, consuming again when the queue is back",
+            h->cfg->queue, n, wr_plural(n), n == 1 ? "es" : "");
     h->backoff = BACKOFF_MIN;
     schedule_retry(h);
 }
@@ -264,8 +265,8 @@ static void on_cancelled(void *ud) {
 static void on_lost(void *ud, const char *why) {
     host *h = ud;
     size_t n = in_flight(h);
-    wr_warn("connection lost: %s; %zu jobs in flight are interrupted and will be redelivered", why,
-            n);
+    wr_warn("connection lost: %s; %zu job%s in flight %s interrupted and will be redelivered", why,
+            n, wr_plural(n), n == 1 ? "is" : "are");
     wr_sched_interrupt_all(h->sched);
     wr_retrier_abandon(h->retrier);
     wr_broker_abort(h->broker);
@@ -297,11 +298,12 @@ static const char *outcome_name(wr_outcome o) {
     }
 }
 
-/* Logs "job ID (tag N) " and then the rest. */
-#define LOG_JOB(level, d, fmt, ...)                                                                \
-    wr_log(level, "job %.*s%s(tag %llu) " fmt, (int)(d)->props.message_id.len,                     \
-           (d)->props.message_id.len ? (char *)(d)->props.message_id.bytes : "",                   \
-           (d)->props.message_id.len ? " " : "", (unsigned long long)(d)->tag, __VA_ARGS__)
+/* Logs a record of the job on d, of the given version (0: not known). */
+#define LOG_JOB(level, d, version, ...)                                                            \
+    do {                                                                                           \
+        wr_log_job f_ = wr_delivery_log_fields(d, h->cfg->queue, version);                         \
+        wr_log_for(level, &f_, __VA_ARGS__);                                                       \
+    } while (0)
 
 /* The end of the drain, once nothing is in flight any more; or of the
  * quiet stage's last job. */
@@ -320,11 +322,12 @@ static int after_failure(host *h, wr_job *job) {
                                     h->cfg->max_retries);
     char what[160], err[300];
     wr_verdict_describe(&v, what, sizeof what);
-    LOG_JOB(WR_LOG_WARN, d, "%s", what);
+    LOG_JOB(WR_LOG_WARN, d, wr_job_version(job), "%s", what);
     if (v.action == WR_VERDICT_REJECT) return WR_SETTLE_REJECT;
     if (v.action == WR_VERDICT_REQUEUE) return WR_SETTLE_REQUEUE;
     if (wr_retrier_send(h->retrier, d, v.delay_ms, err, sizeof err) == 0) return -1;
-    LOG_JOB(WR_LOG_ERROR, d, "cannot publish its retry copy (%s); requeueing it", err);
+    LOG_JOB(WR_LOG_ERROR, d, wr_job_version(job),
+            "cannot publish its retry copy (%s); requeueing it", err);
     return WR_SETTLE_REQUEUE;
 }
 
@@ -332,7 +335,7 @@ static int after_failure(host *h, wr_job *job) {
  * the original is acked, or handed back. */
 static void on_retried(void *ud, wr_delivery *d, const char *err) {
     host *h = ud;
-    if (err) LOG_JOB(WR_LOG_WARN, d, "retry copy not confirmed (%s); handing it back", err);
+    if (err) LOG_JOB(WR_LOG_WARN, d, 0, "retry copy not confirmed (%s); handing it back", err);
     wr_broker_settle(h->broker, d, err ? WR_SETTLE_REQUEUE : WR_SETTLE_ACK);
     wr_broker_release(h->broker, d);
     maybe_drained(h);
@@ -366,14 +369,11 @@ static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
     h->done++;
     if (outcome == WR_OUT_INTERRUPTED) h->interrupted++;
     wr_log_level level = h->state == DRAINING ? WR_LOG_INFO : WR_LOG_DEBUG;
-    if (wr_log_enabled(level)) {
-        amqp_bytes_t id = d->props.message_id;
-        wr_log(level, "job %.*s%s(tag %llu, version %u) %s%s; %zu in flight", (int)id.len,
-               id.len ? (char *)id.bytes : "", id.len ? " " : "", (unsigned long long)d->tag,
-               wr_job_version(job), outcome_name(outcome),
-               settled ? "" : " (not settled: its connection is gone, the broker redelivers it)",
-               wr_sched_running(h->sched));
-    }
+    if (wr_log_enabled(level))
+        LOG_JOB(level, d, wr_job_version(job), "%s on version %u%s; %zu in flight",
+                outcome_name(outcome), wr_job_version(job),
+                settled ? "" : " (not settled: its connection is gone, the broker redelivers it)",
+                wr_sched_running(h->sched));
     wr_broker_release(h->broker, d);
     maybe_drained(h);
 }
@@ -409,10 +409,11 @@ static void force(host *h, const char *reason) {
     unsigned before = h->forcing ? h->forced_from : h->interrupted;
     size_t n = wr_sched_running(h->sched) + (h->interrupted - before),
            retrying = wr_retrier_pending(h->retrier);
-    wr_warn("forced exit (%s): interrupting %zu jobs", reason, n);
+    wr_warn("forced exit (%s): interrupting %zu job%s", reason, n, wr_plural(n));
     wr_sched_interrupt_all(h->sched);
     wr_retrier_abandon(h->retrier);
-    wr_warn("handed back %zu messages; exiting", h->interrupted - before + retrying);
+    size_t back = h->interrupted - before + retrying;
+    wr_warn("handed back %zu message%s; exiting", back, wr_plural(back));
     wr_broker_abort(h->broker);
     stop(h, WR_EXIT_TEMPFAIL);
 }
@@ -448,8 +449,8 @@ static void drain(host *h, const char *signame) {
         ev_timer_start(h->loop, &h->stop_timer);
         return;
     }
-    wr_info("received %s: draining %zu jobs in flight, up to %g s; a second signal forces exit",
-            signame, n, h->cfg->drain_timeout);
+    wr_info("received %s: draining %zu job%s in flight, up to %g s; a second signal forces exit",
+            signame, n, wr_plural(n), h->cfg->drain_timeout);
     ev_timer_set(&h->drain_timer, h->cfg->drain_timeout, 0);
     ev_timer_start(h->loop, &h->drain_timer);
     h->drain_deadline = ev_time() + h->cfg->drain_timeout;
@@ -493,7 +494,7 @@ static void quiet_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     size_t n = in_flight(h);
     wr_info("received SIGUSR1: quiet: no new work; %zu job%s in flight finish%s; SIGUSR2 consumes "
             "again",
-            n, n == 1 ? "" : "s", n == 1 ? "es" : "");
+            n, wr_plural(n), n == 1 ? "es" : "");
     send_status(h, NULL);
     maybe_drained(h);
 }

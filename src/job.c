@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "warren/config.h"
 #include "warren/context.h"
 #include "warren/log.h"
 #include "warren/msg.h"
@@ -311,9 +312,10 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
 
 /* Logs "job ID (tag N) WHAT: DETAIL". */
 static void log_failure(const wr_job *j, const char *what, const char *detail) {
-    const amqp_bytes_t id = j->delivery->props.message_id;
-    wr_error("job %.*s%s(tag %llu) %s: %s", (int)id.len, id.len ? (const char *)id.bytes : "",
-             id.len ? " " : "", (unsigned long long)j->delivery->tag, what, detail);
+    const wr_ctx *ctx = j->vm->ctx;
+    wr_log_job f = wr_delivery_log_fields(j->delivery, ctx && ctx->cfg ? ctx->cfg->queue : NULL,
+                                          j->vm->version);
+    wr_log_for(WR_LOG_ERROR, &f, "%s: %s", what, detail);
 }
 
 /* The error (argument 2) with the traceback of the coroutine (argument 1),

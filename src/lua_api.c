@@ -3,6 +3,7 @@
 #include <lauxlib.h>
 #include <math.h>
 
+#include "warren/config.h"
 #include "warren/context.h"
 #include "warren/job.h"
 #include "warren/log.h"
@@ -45,26 +46,22 @@ static int log_at(lua_State *L, wr_log_level level) {
     int n = lua_gettop(L);
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    wr_job *j = wr_job_current(L);
-    if (j) {
-        const wr_delivery *d = wr_job_delivery(j);
-        amqp_bytes_t id = d->props.message_id;
-        if (id.len) {
-            luaL_addchar(&b, '[');
-            luaL_addlstring(&b, id.bytes, id.len);
-            luaL_addstring(&b, "] ");
-        } else {
-            lua_pushfstring(L, "[tag %I] ", (lua_Integer)d->tag);
-            luaL_addvalue(&b);
-        }
-    }
     for (int i = 1; i <= n; i++) {
         if (i > 1) luaL_addchar(&b, ' ');
         luaL_tolstring(L, i, NULL);
         luaL_addvalue(&b);
     }
     luaL_pushresult(&b);
-    wr_log(level, "%s", lua_tostring(L, -1));
+    wr_job *j = wr_job_current(L);
+    if (!j) {
+        wr_log(level, "%s", lua_tostring(L, -1));
+        return 0;
+    }
+    const wr_vm *vm = upvm(L);
+    wr_log_job f = wr_delivery_log_fields(wr_job_delivery(j),
+                                          vm->ctx->cfg ? vm->ctx->cfg->queue : NULL, vm->version);
+    f.script = 1;
+    wr_log_for(level, &f, "%s", lua_tostring(L, -1));
     return 0;
 }
 static int l_debug(lua_State *L) {

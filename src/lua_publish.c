@@ -323,7 +323,8 @@ static int l_retry(lua_State *L) {
     int max = cfg ? cfg->max_retries : 0;
     if (retries >= max) {
         wr_job_decide(j, WR_OUT_REJECT);
-        wr_warn("retried %d times already: rejecting instead", (int)retries);
+        wr_warn("retried %d time%s already: rejecting instead", (int)retries,
+                wr_plural((unsigned long long)retries));
         lua_pushnil(L);
         lua_pushfstring(L, "no retries left (%d of %d used)", (int)retries, max);
         return 2;

@@ -125,8 +125,9 @@ static void step_cb(struct ev_loop *loop, ev_check *w, int revents) {
         stop_loading(r);
         watch_files(r);   /* before the unref: the watchers use the old version's paths */
         wr_vm_unref(old); /* closed when its last job ends */
-        wr_info("reloaded (%s): version %u serves new messages; %d versions alive", r->why,
-                r->vm->version, wr_vm_alive());
+        int alive = wr_vm_alive();
+        wr_info("reloaded (%s): version %u serves new messages; %d version%s alive", r->why,
+                r->vm->version, alive, wr_plural((unsigned)alive));
         r->tell(r->tell_ud, WR_RELOAD_DONE);
     }
     if (r->again) {

@@ -58,9 +58,8 @@ static void on_done(void *ud, wr_job *job, wr_outcome outcome) {
                                   t->cfg->max_retries);
     char what[160];
     wr_verdict_describe(&t->verdict, what, sizeof what);
-    amqp_bytes_t id = d->props.message_id;
-    wr_warn("job %.*s (tag %llu) %s", (int)id.len, (char *)id.bytes, (unsigned long long)d->tag,
-            what);
+    wr_log_job f = wr_delivery_log_fields(d, NULL, wr_job_version(job));
+    wr_log_for(WR_LOG_WARN, &f, "%s", what);
 }
 
 /* The outcome line's word: for a failed job, what the policy decided. */

@@ -119,7 +119,8 @@ void wr_vm_unref(wr_vm *vm) {
     lua_close(vm->L);
     alive--;
     if (vm->handle_ref != LUA_NOREF) /* a load that failed was never a version */
-        wr_debug("closed script version %u; %d versions alive", vm->version, alive);
+        wr_debug("closed script version %u; %d version%s alive", vm->version, alive,
+                 wr_plural((unsigned)alive));
     for (size_t i = 0; i < vm->nfiles; i++)
         free(vm->files[i].path);
     free(vm->files);

@@ -44,6 +44,7 @@ typedef struct wr_config {
     int metrics_port;      /* --metrics: 0 = no metrics server */
     char metrics_host[64]; /* its numeric address; "" = every interface */
     wr_log_level log_level;
+    wr_log_format log_format;
     const char *script;
     char **bodies; /* try: bodies from the command line (argv memory) */
     int nbodies;

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "warren/log.h"
+
 typedef struct wr_delivery {
     uint64_t tag;
     bool redelivered;
@@ -67,5 +69,8 @@ int wr_props_copy(amqp_basic_properties_t *dst, const amqp_basic_properties_t *s
 
 /* Finds a header by name; returns NULL when absent. */
 const amqp_field_value_t *wr_delivery_header(const wr_delivery *d, const char *name);
+
+/* The log fields of a job on d (log.h). */
+wr_log_job wr_delivery_log_fields(const wr_delivery *d, const char *queue, unsigned version);
 
 #endif
