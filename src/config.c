@@ -48,7 +48,9 @@ const char wr_usage[] =
     "      not confirm the final close\n"
     "  77  the broker refused the credentials or the vhost\n"
     "  78  the script does not load or has no handle\n"
-    "warren try exits 0 when every body was acked, 1 otherwise, 75 when interrupted\n";
+    "warren try exits 0 when every body was acked, 1 otherwise, 75 when interrupted\n"
+    "\n"
+    "more in warren(1); the Lua API of scripts in warren-lua(7)\n";
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) {
     va_list ap;
