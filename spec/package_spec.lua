@@ -94,10 +94,16 @@ describe("the Debian package", function()
     assert.equal("net", field("Section"))
     assert.matches("^.+ <.+@.+>$", field("Maintainer"))
     assert.matches("^worker host for RabbitMQ work queues", field("Description"))
-    local depends = field("Depends")
-    for _, lib in ipairs({ "libc6", "librabbitmq4", "liblua5.4-0", "libev4", "libssl3" }) do
-      assert.matches("%f[%w]" .. literal(lib) .. "%f[^%w.-]", depends)
+    -- dpkg-shlibdeps names the packages of the libraries the binary links; CMakeLists.txt
+    -- names them itself where dpkg-shlibdeps is missing, and must name the same.
+    local function names(list)
+      local set = {}
+      for name in (list .. ","):gmatch("%s*([^%s,(]+)[^,]*,") do set[#set + 1] = name end
+      table.sort(set)
+      return set
     end
+    local fallback = assert(cmake:match('CPACK_DEBIAN_PACKAGE_DEPENDS%s+"([^"]+)"'))
+    assert.same(names(fallback), names(field("Depends")))
   end)
 
   it("holds only root's files, executables 0755 and the rest 0644", function()
