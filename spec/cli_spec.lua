@@ -315,8 +315,23 @@ describe("warren --help and --version", function()
       for _, option in ipairs({ "--on-error POLICY", "--job-timeout SECS", "--memory-limit MB" }) do
         assert.matches(option, out, 1, true)
       end
-      assert.matches("78 the script does not load", out, 1, true)
     end
+  end)
+
+  it("lists every exit code of the contract with its meaning", function()
+    local contract = assert(H.read_file(H.source_dir .. "/docs/contract.md"))
+    local table_text = assert(contract:match("\n## Exit codes\n(.-)\n\n"), "no exit code table")
+    local codes = {}
+    for code in table_text:gmatch("\n| (%d+) |") do codes[#codes + 1] = code end
+    assert.same({ "0", "64", "69", "75", "77", "78" }, codes)
+    local _, out = H.run({ "--help" }, { split = true })
+    for _, code in ipairs(codes) do
+      assert.matches("\n  " .. code .. " +%a", out)
+    end
+    assert.matches("77  the broker refused the credentials or the vhost", out, 1, true)
+    assert.matches("78  the script does not load or has no handle", out, 1, true)
+    assert.matches("warren try exits 0 when every body was acked, 1 otherwise, 75 when interrupted",
+      out, 1, true)
   end)
 
   it("prints the project's version and exits 0", function()

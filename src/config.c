@@ -41,8 +41,18 @@ const char wr_usage[] =
     "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
     "                             (every interface, or the numeric HOST); default off\n"
     "\n"
-    "exit codes: 0 clean drain, 64 bad usage, 69 broker unreachable, 75 forced exit\n"
-    "(jobs handed back), 78 the script does not load or has no handle\n";
+    "exit codes:\n"
+    "  0   clean drain: every job in flight finished (or nothing was in flight)\n"
+    "  64  bad usage: an unknown option, a bad value, no queue, no script\n"
+    "  69  broker unreachable at start (after --connect-timeout), the queue does not exist,\n"
+    "      or the --metrics address cannot be listened on\n"
+    "  75  forced exit: unfinished jobs were handed back to the broker; or the broker did\n"
+    "      not confirm the final close\n"
+    "  77  the broker refused the credentials or the vhost\n"
+    "  78  the script does not load or has no handle\n"
+    "warren try exits 0 when every body was acked, 1 otherwise, 75 when interrupted\n"
+    "\n"
+    "more in warren(1); the Lua API of scripts in warren-lua(7)\n";
 
 static int fail(char *err, size_t errlen, const char *fmt, ...) {
     va_list ap;

@@ -7,6 +7,8 @@
 --   WARREN_BIN          the warren executable (H.start, H.run)
 --   WTOOL_BIN           the wtool executable; when unset, spec/support/wtool.c is compiled once
 --   WARREN_SOURCE_DIR   the repository root (for scripts/broker); default "."
+--   WARREN_BUILD_DIR    the build directory WARREN_BIN comes from (scripts/package); default
+--                       WARREN_SOURCE_DIR/build
 --   WARREN_BROKER_DIR   state directory of the test broker, used by scripts/broker
 --   WARREN_TEST_LUA     Lua interpreter for helper processes (tcpproxy); default "lua5.4"
 --   WARREN_KEEP_TMP     when set, the temporary files are kept (their root is H.tmp_root())
@@ -31,6 +33,7 @@ end
 H.url = getenv("WARREN_TEST_URL")
 H.warren_bin = getenv("WARREN_BIN")
 H.source_dir = getenv("WARREN_SOURCE_DIR") or "."
+H.build_dir = getenv("WARREN_BUILD_DIR") or H.source_dir .. "/build"
 H.broker_dir = getenv("WARREN_BROKER_DIR")
 H.lua_bin = getenv("WARREN_TEST_LUA") or "lua5.4"
 
