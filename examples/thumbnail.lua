@@ -14,7 +14,7 @@
 -- Outcomes: a request that can never work (not JSON, a missing field, an image vipsthumbnail
 -- cannot read) is rejected, to the queue's dead-letter exchange if it has one. A failure that
 -- may pass (vipsthumbnail not installed, a timeout, the publish not confirmed) is an error:
--- requeued once, then rejected.
+-- the failure policy retries it later (1 s, 5 s, 30 s ...) and rejects it after --max-retries.
 local warren = require "warren"
 local cjson = require "cjson.safe"
 
@@ -72,5 +72,5 @@ function handle(body, msg)
   if not ok then
     error("cannot publish to " .. DONE_QUEUE .. ": " .. perr)
   end
-  warren.log.info("thumbnail", req.dst, geometry, "done")
+  warren.log.info("thumbnail", req.dst, "written, within", geometry)
 end

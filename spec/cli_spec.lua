@@ -112,6 +112,37 @@ describe("warren check", function()
     assert.equal("", out)
     assert.equal("warren: missing SCRIPT.lua (see warren --help)\n", err)
   end)
+
+  it("gives up on an unreachable broker when --connect-timeout says, not later", function()
+    local t0 = H.now()
+    local code, out = H.run({ "--url", "amqp://guest:guest@127.0.0.1:1/", "--queue", "x",
+      "--connect-timeout", "1", H.script("function handle() end") })
+    local took = H.now() - t0
+    assert.equal(69, code, out)
+    assert.matches("gave up after 1.0 s", out, 1, true)
+    assert.is_true(took >= 1 and took < 2.5, "took " .. took .. " s")
+  end)
+
+  it("reports an unreadable script like any usage error, in every command", function()
+    for _, args in ipairs({ { "-q", "dots", "nosuch.lua" }, { "check", "nosuch.lua" },
+      { "try", "nosuch.lua", "x" } }) do
+      local code, out, err = H.run(args, { split = true })
+      assert.equal(78, code)
+      assert.equal("", out)
+      assert.equal("warren: cannot open nosuch.lua: No such file or directory\n", err)
+    end
+  end)
+
+  it("reports a module that is not found with every path searched, cut at no byte", function()
+    local path = H.script('require "no.such.module"\nfunction handle() end\n')
+    local code, _, err = H.run({ "check", path }, { split = true })
+    assert.equal(78, code)
+    assert.equal(1, #lines(err), err)
+    assert.is_true(#err > 600, #err .. " bytes")
+    -- Every searcher's list is there, to the last path.
+    assert.matches("module 'no.such.module' not found:", err, 1, true)
+    assert.matches("no file '[^']+/loadall%.so' no file '%./no%.so'\n$", err)
+  end)
 end)
 
 describe("warren try", function()
@@ -343,5 +374,17 @@ describe("warren --help and --version", function()
       assert.equal("", err)
       assert.equal("warren " .. version .. "\n", out)
     end
+  end)
+end)
+
+describe("warren try on a terminal", function()
+  it("says it reads bodies from standard input when given none", function()
+    local script = H.script("function handle() end\n")
+    local out = H.tmpdir() .. "/out"
+    -- script(1) gives warren a terminal; timeout ends the wait for a body.
+    os.execute("timeout 3 script -qec " .. H.quote(H.quote(H.warren_bin) .. " try "
+      .. H.quote(script)) .. " /dev/null </dev/null >" .. H.quote(out) .. " 2>&1")
+    assert.matches("warren try: reading bodies from standard input, one per line; Ctrl-D ends",
+      H.read_file(out) or "", 1, true)
   end)
 end)

@@ -107,7 +107,7 @@ describe("reload", function()
 
       local mark = proc:mark()
       save_in_place(script, job("two"))
-      local why = "script changed"
+      local why = literal(script) .. " changed"
       if how == "SIGHUP" then
         why = "SIGHUP"
         proc:signal("HUP")
@@ -156,7 +156,7 @@ function handle(body, msg)
   return body +
 end
 ]])
-    proc:wait_log("reload %(script changed%) failed, version 1 keeps serving: "
+    proc:wait_log("reload %(%S+ changed%) failed, version 1 keeps serving: "
       .. literal(script) .. ":4: unexpected symbol near 'end'", 10, mark)
     for _, id in ipairs(H.publish(q, 5, { prefix = "b", body = "0.05" })) do
       ids[#ids + 1] = id
@@ -165,7 +165,7 @@ end
 
     mark = proc:mark()
     save_in_place(script, job("three"))
-    proc:wait_log("reloaded %(script changed%): version 3 serves new messages", 10, mark)
+    proc:wait_log("reloaded %(%S+ changed%): version 3 serves new messages", 10, mark)
     for _, id in ipairs(H.publish(q, 5, { prefix = "c", body = "0.05" })) do
       ids[#ids + 1] = id
     end
@@ -198,7 +198,7 @@ end
     }) do
       local mark = proc:mark()
       save_by_rename(script, case[1])
-      proc:wait_log("reload %(script changed%) failed, version 1 keeps serving: " .. case[2], 15,
+      proc:wait_log("reload %(%S+ changed%) failed, version 1 keeps serving: " .. case[2], 15,
         mark)
       local id = H.publish(q, 1, { prefix = "bad" .. i .. "-" })[1]
       H.wait_until(function() return ended(rec, id) end, 10, id .. " handled")
@@ -309,7 +309,7 @@ end
       local mark = proc:mark()
       save(script, job("save" .. i))
       -- Version i + 1 exactly: an extra reload would have taken a number.
-      proc:wait_log("reloaded %(script changed%): version " .. (i + 1) .. " serves", 10, mark)
+      proc:wait_log("reloaded %(%S+ changed%): version " .. (i + 1) .. " serves", 10, mark)
       local id = H.publish(q, 1, { prefix = "after" .. i .. "-" })[1]
       H.wait_until(function() return ended(rec, id) end, 10, id .. " handled")
       assert.same({ tostring(i + 1), "save" .. i }, { ended(rec, id)[3], ended(rec, id)[4] })
@@ -355,23 +355,23 @@ end
 
     local mark = proc:mark()
     save_in_place(helper, 'return { code = "h2" }\n')
-    proc:wait_log("reloaded %(script changed%): version 2 serves", 10, mark)
+    proc:wait_log("reloaded %(" .. literal(helper) .. " changed%): version 2 serves", 10, mark)
     probe(2, "h2+u1")
 
     mark = proc:mark()
     save_by_rename(util, 'return { code = "u2" }\n')
-    proc:wait_log("reloaded %(script changed%): version 3 serves", 10, mark)
+    proc:wait_log("reloaded %(" .. literal(util) .. " changed%): version 3 serves", 10, mark)
     probe(3, "h2+u2")
 
     mark = proc:mark()
     save_in_place(helper, 'local M = {}\nM.code = = "h3"\nreturn M\n')
-    proc:wait_log("reload %(script changed%) failed, version 3 keeps serving: .*"
+    proc:wait_log("reload %(" .. literal(helper) .. " changed%) failed, version 3 keeps serving: .*"
       .. literal(helper) .. ":2: unexpected symbol near '='", 10, mark)
     probe(3, "h2+u2")
 
     mark = proc:mark()
     save_by_rename(helper, 'return { code = "h5" }\n')
-    proc:wait_log("reloaded %(script changed%): version 5 serves", 10, mark)
+    proc:wait_log("reloaded %(" .. literal(helper) .. " changed%): version 5 serves", 10, mark)
     probe(5, "h5+u2")
 
     assert.equal(0, H.term(proc))

@@ -597,7 +597,7 @@ static int give_up(host *h, int code) {
 
 int wr_host_run(const wr_config *cfg) {
     host hs = {0}, *h = &hs;
-    char err[512];
+    char err[WR_LOAD_ERROR_MAX];
     h->cfg = cfg;
     wr_stats_init(&h->stats);
     h->start_time = ev_time();

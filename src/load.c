@@ -121,16 +121,24 @@ static int prepare(lua_State *L) {
 
 /* Copies msg into err as one line, without a traceback: a module that does
  * not compile gives two lines ("error loading module ..." and "\tfile:line:
- * ..."); both are kept, and so the line. */
+ * ..."); both are kept, and so the line. What does not fit is cut after a
+ * whole word, and " ..." says so. */
 static void one_line(const char *msg, char *err, size_t errlen) {
     const char *end = strstr(msg, "\nstack traceback:");
     size_t len = end ? (size_t)(end - msg) : strlen(msg);
-    size_t o = 0;
-    for (size_t i = 0; i < len && o + 1 < errlen; i++) {
+    size_t o = 0, i = 0;
+    for (; i < len && o + 1 < errlen; i++) {
         if (msg[i] != '\n' && msg[i] != '\t')
             err[o++] = msg[i];
         else if (o > 0 && err[o - 1] != ' ')
             err[o++] = ' ';
+    }
+    if (i < len && errlen > 8) {
+        o = o > errlen - 5 ? errlen - 5 : o;
+        while (o > 0 && err[o - 1] != ' ')
+            o--;
+        memcpy(err + o, "...", 4);
+        return;
     }
     err[o] = '\0';
 }

@@ -1,5 +1,9 @@
 /* warren: a worker host for RabbitMQ work queues. */
+#include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
+#include <string.h>
+#include <unistd.h>
 
 #include "warren/config.h"
 #include "warren/host.h"
@@ -13,6 +17,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "warren: %s\n", err);
         wr_config_free(&cfg);
         return WR_EXIT_USAGE;
+    }
+    /* A script that cannot be read is a usage error of its own kind (78),
+     * reported like the others, before anything starts. */
+    bool scripted =
+        cfg.command == WR_CMD_RUN || cfg.command == WR_CMD_CHECK || cfg.command == WR_CMD_TRY;
+    if (scripted && access(cfg.script, R_OK) != 0) {
+        fprintf(stderr, "warren: cannot open %s: %s\n", cfg.script, strerror(errno));
+        wr_config_free(&cfg);
+        return WR_EXIT_CONFIG;
     }
     switch (cfg.command) {
     case WR_CMD_HELP:

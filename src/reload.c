@@ -1,6 +1,9 @@
 #include "warren/reload.h"
 
+#include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "warren/load.h"
 #include "warren/log.h"
@@ -10,6 +13,8 @@
 /* How far file timestamps (the kernel's coarse clock) may lag ev_time(). */
 #define FILE_CLOCK_LAG 0.02
 #define MAX_WATCHES 32
+/* A reload's reason: a path and a few words. */
+#define WHY_MAX (PATH_MAX + 32)
 
 struct wr_reloader {
     struct ev_loop *loop;
@@ -20,10 +25,10 @@ struct wr_reloader {
     wr_load *loading; /* the version whose main chunk runs, or NULL */
     wr_reload_fn tell;
     void *tell_ud;
-    const char *why;
-    const char *again; /* a request that came during the load: why */
-    ev_idle step_idle; /* keeps the loop from blocking during a load */
-    ev_check step;     /* runs the next slice of the main chunk */
+    char why[WHY_MAX];   /* the load's reason: "SIGHUP", "FILE changed" */
+    char again[WHY_MAX]; /* a request that came during the load: its reason, or "" */
+    ev_idle step_idle;   /* keeps the loop from blocking during a load */
+    ev_check step;       /* runs the next slice of the main chunk */
     ev_timer timer;
     ev_stat watches[MAX_WATCHES];
     size_t nwatches;
@@ -90,9 +95,9 @@ static void stop_loading(wr_reloader *r) {
 }
 
 static void start_loading(wr_reloader *r, const char *why) {
-    char err[512];
+    char err[WR_LOAD_ERROR_MAX];
     unsigned version = ++r->last_version;
-    r->why = why;
+    snprintf(r->why, sizeof r->why, "%s", why);
     r->tell(r->tell_ud, WR_RELOAD_BEGINS);
     r->loading = wr_load_begin(r->cfg->script, version, r->ctx, err, sizeof err);
     if (!r->loading) {
@@ -111,7 +116,7 @@ static void start_loading(wr_reloader *r, const char *why) {
 static void step_cb(struct ev_loop *loop, ev_check *w, int revents) {
     (void)loop, (void)revents;
     wr_reloader *r = w->data;
-    char err[512];
+    char err[WR_LOAD_ERROR_MAX];
     wr_load_status st = wr_load_step(r->loading, err, sizeof err);
     if (st == WR_LOAD_RUNNING) return;
     if (st == WR_LOAD_FAILED) {
@@ -130,9 +135,10 @@ static void step_cb(struct ev_loop *loop, ev_check *w, int revents) {
                 r->vm->version, alive, wr_plural((unsigned)alive));
         r->tell(r->tell_ud, WR_RELOAD_DONE);
     }
-    if (r->again) {
-        const char *why = r->again;
-        r->again = NULL;
+    if (r->again[0]) {
+        char why[WHY_MAX];
+        memcpy(why, r->again, sizeof why);
+        r->again[0] = '\0';
         start_loading(r, why);
         return;
     }
@@ -145,7 +151,7 @@ static void idle_cb(struct ev_loop *loop, ev_idle *w, int revents) {
 
 void wr_reloader_request(wr_reloader *r, const char *why) {
     if (r->loading)
-        r->again = why;
+        snprintf(r->again, sizeof r->again, "%s", why);
     else
         start_loading(r, why);
 }
@@ -155,8 +161,12 @@ void wr_reloader_request(wr_reloader *r, const char *why) {
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     (void)loop, (void)revents;
     wr_reloader *r = w->data;
-    if (r->loading || wr_vm_changed(r->vm)) {
-        wr_reloader_request(r, "script changed");
+    const char *path = wr_vm_changed(r->vm);
+    if (path || r->loading) {
+        char why[WHY_MAX];
+        /* During a load, the version that loads read the files: something changed since. */
+        snprintf(why, sizeof why, "%s changed", path ? path : "a file of the script");
+        wr_reloader_request(r, why);
         return;
     }
     wr_debug("script files unchanged since version %u read them", r->vm->version);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "warren/job.h"
 #include "warren/load.h"
@@ -13,7 +14,7 @@
 #include "warren/vm.h"
 
 int wr_check(const wr_config *cfg) {
-    char err[512];
+    char err[WR_LOAD_ERROR_MAX];
     static const wr_ctx nothing; /* the main chunk only: no loop, nothing waits */
     wr_vm_set_memory_limit(cfg->memory_limit);
     wr_vm *vm = wr_load_script(cfg->script, 1, &nothing, err, sizeof err);
@@ -123,7 +124,7 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
 }
 
 int wr_try(const wr_config *cfg) {
-    char err[512];
+    char err[WR_LOAD_ERROR_MAX];
     trial t = {.cfg = cfg};
     /* Not libev's default loop, which reaps every child (see wr_host_run). */
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
@@ -151,6 +152,9 @@ int wr_try(const wr_config *cfg) {
         for (int i = 0; i < cfg->nbodies && !t.stopped; i++)
             all_acked &= run_one(loop, s, &t, vm, &a, ++n, cfg->bodies[i], strlen(cfg->bodies[i]));
     } else {
+        if (isatty(0))
+            fprintf(stderr, "warren try: reading bodies from standard input, one per line; "
+                            "Ctrl-D ends\n");
         char *line = NULL;
         size_t cap = 0;
         ssize_t len;

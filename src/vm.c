@@ -53,18 +53,18 @@ static bool same_time(struct timespec a, struct timespec b) {
     return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec;
 }
 
-bool wr_vm_changed(const wr_vm *vm) {
+const char *wr_vm_changed(const wr_vm *vm) {
     for (size_t i = 0; i < vm->nfiles; i++) {
         const wr_vm_file *f = &vm->files[i];
         struct stat st;
         bool found = stat(f->path, &st) == 0;
-        if (found != f->found) return true;
+        if (found != f->found) return f->path;
         if (found && (st.st_dev != f->st.st_dev || st.st_ino != f->st.st_ino ||
                       st.st_size != f->st.st_size || !same_time(st.st_mtim, f->st.st_mtim) ||
                       !same_time(st.st_ctim, f->st.st_ctim)))
-            return true;
+            return f->path;
     }
-    return false;
+    return NULL;
 }
 
 bool wr_vm_touched_since(const wr_vm *vm, time_t second) {

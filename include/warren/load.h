@@ -21,6 +21,9 @@
 #include "warren/vm.h"
 
 #define WR_LOAD_TIMEOUT 5
+/* Room for a load error: a module that is not found lists every path
+ * searched, which takes a kilobyte or two. */
+#define WR_LOAD_ERROR_MAX 4096
 
 typedef struct wr_load wr_load;
 

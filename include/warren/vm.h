@@ -70,11 +70,12 @@ void wr_vm_unref(wr_vm *vm);
 /* How many versions are alive right now (loaded and not yet closed). */
 int wr_vm_alive(void);
 
-/* Whether a file of vm has changed, been replaced or gone since vm read it,
- * to the resolution of the file system's timestamps (unlike ev_stat, which
- * compares whole seconds). The script is looked at just before it is read;
- * a module just after the script has loaded. */
-bool wr_vm_changed(const wr_vm *vm);
+/* The first file of vm that has changed, been replaced or gone since vm
+ * read it, to the resolution of the file system's timestamps (unlike
+ * ev_stat, which compares whole seconds); NULL when none has. The script is
+ * looked at just before it is read; a module just after the script has
+ * loaded. */
+const char *wr_vm_changed(const wr_vm *vm);
 
 /* Whether a file of vm, as it is now, was last modified (content or inode)
  * in or after the wall-clock second `second`. */
