@@ -9,7 +9,7 @@
 -- an unroutable message is an error, and the job is retried.
 --
 --   warren --queue thumbnails --prefetch 4 examples/thumbnail.lua
---   amqp-publish -r thumbnails -b '{"src": "/tmp/in.png", "dst": "/tmp/out.png", "size": 128}'
+--   amqp-publish -p -r thumbnails -b '{"src": "/tmp/in.png", "dst": "/tmp/out.png", "size": 128}'
 --
 -- Outcomes: a request that can never work (not JSON, a missing field, an image vipsthumbnail
 -- cannot read) is rejected, to the queue's dead-letter exchange if it has one. A failure that
