@@ -38,7 +38,8 @@ struct wr_broker {
     size_t tried;     /* URLs tried in this attempt */
     ev_tstamp attempt_end;
     char consumer_tag[256];
-    unsigned epoch; /* the current channel opening; see wr_delivery.epoch */
+    unsigned epoch;       /* the current channel opening; see wr_delivery.epoch */
+    unsigned depth_asked; /* passive declares sent by wr_broker_ask_depth, not answered */
     wr_assembler assembler;
     wr_ledger ledger;
     uint64_t *singles;
@@ -86,6 +87,7 @@ wr_publisher *wr_broker_publisher(wr_broker *b) {
 /* The channel opening is over: its tags and any half-assembled delivery die. */
 static void end_channel(wr_broker *b) {
     b->epoch++;
+    b->depth_asked = 0;
     wr_ledger_reset(&b->ledger);
     wr_assembler_reset(&b->assembler);
     ev_prepare_stop(b->loop, &b->flush);
@@ -189,6 +191,15 @@ static void declare(wr_broker *b) {
     method(b, AMQP_QUEUE_DECLARE_METHOD, &m);
 }
 
+int wr_broker_ask_depth(wr_broker *b) {
+    if (b->phase != B_CONSUMING) return -1;
+    amqp_queue_declare_t m = {
+        .queue = amqp_cstring_bytes(b->cfg->queue), .passive = 1, .arguments = amqp_empty_table};
+    if (method(b, AMQP_QUEUE_DECLARE_METHOD, &m)) return -1;
+    b->depth_asked++;
+    return 0;
+}
+
 int wr_broker_consume(wr_broker *b) {
     if (b->phase != B_IDLE) return -1;
     declare(b);
@@ -197,6 +208,15 @@ int wr_broker_consume(wr_broker *b) {
 
 /* A reply on channel 1 moved the set-up along. */
 static void step(wr_broker *b, amqp_method_number_t id, const void *decoded) {
+    /* The answer to wr_broker_ask_depth: asked while consuming, it may come
+     * during the cancel that followed; replies come in order, so it is never
+     * confused with the set-up's own declare. */
+    if (id == AMQP_QUEUE_DECLARE_OK_METHOD && b->depth_asked > 0 && b->phase != B_DECLARING) {
+        b->depth_asked--;
+        const amqp_queue_declare_ok_t *ok = decoded;
+        b->ev.depth(b->ud, ok->message_count);
+        return;
+    }
     switch (b->phase) {
     case B_OPENING:
         if (id != AMQP_CHANNEL_OPEN_OK_METHOD) break;

@@ -36,6 +36,9 @@ const char wr_usage[] =
     "      --memory-limit MB      memory each script version's Lua state may hold; an\n"
     "                             allocation past it fails its job (default 0 = no limit)\n"
     "      --no-watch             do not reload the script when its files change\n"
+    "      --max-jobs N           start at most N jobs, then drain and exit 0\n"
+    "      --until-empty          drain and exit 0 once the queue is empty and nothing is in\n"
+    "                             flight\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
     "      --log-format FORMAT    text, logfmt or json, one record per line (default text)\n"
     "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
@@ -141,6 +144,8 @@ enum opt_id {
     OPT_LOG_LEVEL,
     OPT_METRICS,
     OPT_LOG_FORMAT,
+    OPT_MAX_JOBS,
+    OPT_UNTIL_EMPTY,
     OPT_COUNT
 };
 
@@ -165,6 +170,8 @@ static const struct option_spec {
     [OPT_LOG_LEVEL] = {0, "log-level", "WARREN_LOG_LEVEL", true},
     [OPT_METRICS] = {0, "metrics", "WARREN_METRICS", true},
     [OPT_LOG_FORMAT] = {0, "log-format", "WARREN_LOG_FORMAT", true},
+    [OPT_MAX_JOBS] = {0, "max-jobs", "WARREN_MAX_JOBS", true},
+    [OPT_UNTIL_EMPTY] = {0, "until-empty", "WARREN_UNTIL_EMPTY", false},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -253,6 +260,18 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
     case OPT_LOG_LEVEL:
         if (wr_log_parse_level(v, &c->log_level))
             return fail(err, errlen, "%s: expected debug, info, warn or error, got '%s'", from, v);
+        return 0;
+    case OPT_MAX_JOBS: {
+        int n;
+        if (parse_int(v, 0, 2000000000, &n))
+            return fail(err, errlen, "%s: expected a whole number of jobs (0 = no limit), got '%s'",
+                        from, v);
+        c->max_jobs = n;
+        return 0;
+    }
+    case OPT_UNTIL_EMPTY:
+        if (parse_bool(v, &c->until_empty))
+            return fail(err, errlen, "%s: expected 1/0, true/false or yes/no, got '%s'", from, v);
         return 0;
     case OPT_LOG_FORMAT:
         if (wr_log_parse_format(v, &c->log_format))

@@ -19,6 +19,8 @@
 #define BACKOFF_MIN 0.1
 #define BACKOFF_MAX 30.0
 #define CLOSE_TIMEOUT 2.0
+/* --until-empty: seconds before asking again about messages that were left. */
+#define EMPTY_RECHECK 0.5
 /* Seconds between two measurements of the loop's lag. */
 #define LAG_INTERVAL 0.1
 
@@ -43,12 +45,15 @@ typedef struct host {
     host_state state;
     int exit_code;
     bool ever_connected;
-    bool consuming;       /* false after a broker-initiated cancel, and while quiet */
-    bool quiet;           /* SIGUSR1: no new work until SIGUSR2 */
-    unsigned interrupted; /* jobs cut off by the forced stage or a lost connection */
-    unsigned long done;   /* jobs ended, whatever their outcome */
-    bool forcing;         /* the count hook began the forced stage (see urgent) */
-    unsigned forced_from; /* interrupted when it did */
+    bool consuming;        /* false after a broker-initiated cancel, and while quiet */
+    bool quiet;            /* SIGUSR1: no new work until SIGUSR2 */
+    unsigned interrupted;  /* jobs cut off by the forced stage or a lost connection */
+    unsigned long done;    /* jobs ended, whatever their outcome */
+    unsigned long started; /* jobs started, for --max-jobs */
+    bool depth_asked;      /* --until-empty: a depth question is out */
+    ev_timer empty_timer;  /* --until-empty: asks again when messages were left */
+    bool forcing;          /* the count hook began the forced stage (see urgent) */
+    unsigned forced_from;  /* interrupted when it did */
     ev_tstamp outage_since;
     unsigned attempts;
     double backoff;
@@ -105,6 +110,9 @@ static void stop(host *h, int code) {
     h->exit_code = code;
     ev_break(h->loop, EVBREAK_ALL);
 }
+
+static void drain(host *h, const char *what);
+static void check_empty(host *h);
 
 /* The next wait before a retry: doubling, capped, with jitter so that a
  * fleet of workers does not reconnect in step. */
@@ -164,6 +172,7 @@ static void on_consuming(void *ud) {
                 wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script,
                 wr_reloader_current(h->reloader)->version);
     bool first = !h->ever_connected;
+    h->depth_asked = false; /* a new channel: an old question is gone */
     if (!first) h->stats.reconnects++;
     h->ever_connected = true;
     h->consuming = true;
@@ -172,6 +181,7 @@ static void on_consuming(void *ud) {
     h->backoff = BACKOFF_MIN;
     stay_quiet(h);
     send_status(h, first ? "READY=1" : NULL);
+    check_empty(h);
 }
 
 static void on_failed(void *ud, wr_broker_status st, const char *err) {
@@ -233,7 +243,16 @@ static void on_delivery(void *ud, wr_delivery *d) {
     int rc = h->state == RUNNING && !h->quiet
                  ? wr_job_start(h->sched, wr_reloader_current(h->reloader), d, err, sizeof err)
                  : -1;
-    if (rc == 0) return;
+    if (rc == 0) {
+        if (h->cfg->max_jobs > 0 && ++h->started >= (unsigned long)h->cfg->max_jobs &&
+            h->state == RUNNING) {
+            char what[64];
+            snprintf(what, sizeof what, "started %ld job%s (--max-jobs)", h->cfg->max_jobs,
+                     wr_plural((unsigned long long)h->cfg->max_jobs));
+            drain(h, what);
+        }
+        return;
+    }
     const amqp_bytes_t id = d->props.message_id;
     if (rc == -2) {
         wr_error("message %.*s%s(tag %llu) rejected: it cannot be given to a job: %s", (int)id.len,
@@ -305,10 +324,43 @@ static const char *outcome_name(wr_outcome o) {
         wr_log_for(level, &f_, __VA_ARGS__);                                                       \
     } while (0)
 
+/* --until-empty: once nothing is in flight, asks whether the queue is
+ * empty too (see on_depth). */
+static void check_empty(host *h) {
+    if (!h->cfg->until_empty || h->state != RUNNING || h->quiet || !h->consuming ||
+        h->depth_asked || in_flight(h) > 0)
+        return;
+    h->depth_asked = wr_broker_ask_depth(h->broker) == 0;
+}
+
+static void empty_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)loop, (void)revents;
+    check_empty(w->data);
+}
+
+/* The broker's answer: empty, with nothing in flight, ends the run; any
+ * delivery sent before the answer has arrived before it. Messages left
+ * that do not come (taken by another consumer) are asked about again. */
+static void on_depth(void *ud, uint32_t ready) {
+    host *h = ud;
+    h->depth_asked = false;
+    if (h->state != RUNNING || h->quiet || !h->consuming || in_flight(h) > 0) return;
+    if (ready == 0) {
+        char what[300];
+        snprintf(what, sizeof what, "queue '%s' is empty (--until-empty)", h->cfg->queue);
+        drain(h, what);
+        return;
+    }
+    ev_timer_stop(h->loop, &h->empty_timer);
+    ev_timer_set(&h->empty_timer, EMPTY_RECHECK, 0);
+    ev_timer_start(h->loop, &h->empty_timer);
+}
+
 /* The end of the drain, once nothing is in flight any more; or of the
- * quiet stage's last job. */
+ * quiet stage's last job; or, with --until-empty, maybe of the run. */
 static void maybe_drained(host *h) {
     if (in_flight(h) > 0) return;
+    check_empty(h);
     if (h->state == DRAINING) ev_timer_start(h->loop, &h->stop_timer);
     if (h->state == RUNNING && h->quiet)
         wr_info("quiet: all jobs finished; idle until SIGTERM, or SIGUSR2 to consume again");
@@ -426,11 +478,13 @@ static void drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     force(h, reason);
 }
 
-static void drain(host *h, const char *signame) {
+/* The first stage of stopping, for what (a signal received, --max-jobs
+ * reached, the queue empty under --until-empty). */
+static void drain(host *h, const char *what) {
     size_t n = in_flight(h);
     if (h->state != RUNNING) {
         /* Not connected: nothing can be in flight. */
-        wr_info("received %s while not connected; exiting", signame);
+        wr_info("%s while not connected; exiting", what);
         wr_notify_send(h->notify, "STOPPING=1");
         stop(h, WR_EXIT_OK);
         return;
@@ -445,12 +499,12 @@ static void drain(host *h, const char *signame) {
     ev_timer_stop(h->loop, &h->retry_timer);
     if (h->consuming) wr_broker_cancel(h->broker);
     if (n == 0) {
-        wr_info("received %s, nothing in flight; exiting", signame);
+        wr_info("%s, nothing in flight; exiting", what);
         ev_timer_start(h->loop, &h->stop_timer);
         return;
     }
-    wr_info("received %s: draining %zu job%s in flight, up to %g s; a second signal forces exit",
-            signame, n, wr_plural(n), h->cfg->drain_timeout);
+    wr_info("%s: draining %zu job%s in flight, up to %g s; a second signal forces exit", what, n,
+            wr_plural(n), h->cfg->drain_timeout);
     ev_timer_set(&h->drain_timer, h->cfg->drain_timeout, 0);
     ev_timer_start(h->loop, &h->drain_timer);
     h->drain_deadline = ev_time() + h->cfg->drain_timeout;
@@ -543,7 +597,9 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
         snprintf(reason, sizeof reason, "second signal, %s", name);
         force(h, reason);
     } else {
-        drain(h, name);
+        char what[32];
+        snprintf(what, sizeof what, "received %s", name);
+        drain(h, what);
     }
 }
 
@@ -609,8 +665,8 @@ int wr_host_run(const wr_config *cfg) {
         return WR_EXIT_UNAVAILABLE;
     }
     h->sched = wr_sched_new(h->loop, on_job_done, h);
-    static const wr_broker_events events = {on_consuming, on_failed, on_delivery,
-                                            on_cancelled, on_lost,   on_closed};
+    static const wr_broker_events events = {on_consuming, on_failed, on_delivery, on_cancelled,
+                                            on_lost,      on_closed, on_depth};
     h->broker = h->sched ? wr_broker_new(h->loop, cfg, &events, h) : NULL;
     h->retrier = h->broker
                      ? wr_retrier_new(wr_broker_publisher(h->broker), cfg->queue, on_retried, h)
@@ -674,6 +730,8 @@ int wr_host_run(const wr_config *cfg) {
     ev_timer_init(&h->retry_timer, retry_cb, 0, 0);
     ev_timer_init(&h->stop_timer, stop_cb, 0, 0);
     ev_timer_init(&h->status_timer, status_cb, 1, 1);
+    ev_timer_init(&h->empty_timer, empty_cb, EMPTY_RECHECK, 0);
+    h->empty_timer.data = h;
     ev_timer_init(&h->lag_timer, lag_cb, LAG_INTERVAL, 0);
     h->lag_timer.data = h;
     if (h->metrics) {
@@ -710,6 +768,7 @@ int wr_host_run(const wr_config *cfg) {
     wr_sched_free(h->sched);
     wr_reloader_free(h->reloader);
     ev_timer_stop(h->loop, &h->status_timer);
+    ev_timer_stop(h->loop, &h->empty_timer);
     ev_timer_stop(h->loop, &h->lag_timer);
     wr_notify_free(h->notify);
     wr_metrics_free(h->metrics);

@@ -41,6 +41,8 @@ typedef struct wr_broker_events {
     /* wr_broker_close has ended: clean when the broker confirmed the close,
      * so every ack sent before it was processed. */
     void (*closed)(void *ud, bool clean);
+    /* The answer to wr_broker_ask_depth: messages ready in the queue. */
+    void (*depth)(void *ud, uint32_t ready);
 } wr_broker_events;
 
 /* Creates an unconnected broker for cfg on loop. NULL when out of memory. */
@@ -75,6 +77,11 @@ void wr_broker_release(wr_broker *b, wr_delivery *d);
  * arrive until cancel-ok. Returns 0, or -1 when not consuming. */
 int wr_broker_cancel(wr_broker *b);
 
+/* Asks how many messages are ready in the queue (a passive queue.declare
+ * on the consuming channel, so every delivery the broker sent before its
+ * answer has arrived by then); `depth` answers. Returns 0, or -1 when not
+ * consuming. A channel that closes first drops the question. */
+int wr_broker_ask_depth(wr_broker *b);
 /* Checks (or declares) the queue and consumes again after the broker
  * cancelled the consumer. Ends in `consuming` or `failed`. Returns 0, or -1
  * when the channel cannot take it now (no event follows then). */

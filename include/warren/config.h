@@ -41,6 +41,8 @@ typedef struct wr_config {
     int memory_limit;       /* MiB each script version's Lua state may hold, 0 = no limit */
     bool declare;
     bool watch;            /* reload when the script changes */
+    long max_jobs;         /* --max-jobs: start at most this many jobs, then drain; 0 = no limit */
+    bool until_empty;      /* --until-empty: exit once the queue is empty, nothing in flight */
     int metrics_port;      /* --metrics: 0 = no metrics server */
     char metrics_host[64]; /* its numeric address; "" = every interface */
     wr_log_level log_level;

@@ -1,0 +1,53 @@
+-- Scripted runs that end by themselves: --max-jobs and --until-empty exit 0
+-- with exactly the right messages left, checked by message id.
+local H = require "support.helper"
+
+describe("scripted runs", function()
+  after_each(H.stop_all)
+
+  local function recorder()
+    return H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        warren.sleep(tonumber(body) or 0)
+        record("done", msg.message_id)
+      end]])
+  end
+
+  it("--max-jobs N starts N jobs, hands back the rest and exits 0", function()
+    local q = H.queue("maxjobs")
+    local rec = H.record_file()
+    local ids = H.publish(q, 10, { prefix = "m", body = "0.2" })
+    local proc = H.start(recorder(), { "--url", H.url, "--queue", q, "--prefetch", 3,
+      "--max-jobs", 4 }, { env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, proc:wait(20), proc:log())
+    assert.matches("started 4 jobs (--max-jobs)", proc:log(), 1, true)
+    local done = {}
+    for _, r in ipairs(H.records(rec)) do done[#done + 1] = r[2] end
+    assert.same({ ids[1], ids[2], ids[3], ids[4] }, H.sorted(done))
+    -- The other six are back, none of them run.
+    assert.same({ table.unpack(ids, 5, 10) }, H.sorted(H.ids(H.drain(q))))
+  end)
+
+  it("--until-empty exits 0 once the queue is empty and nothing is in flight", function()
+    local q = H.queue("untilempty")
+    local rec = H.record_file()
+    local ids = H.publish(q, 25, { prefix = "u", body = "0.01" })
+    local proc = H.start(recorder(), { "--url", H.url, "--queue", q, "--prefetch", 4,
+      "--until-empty" }, { env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, proc:wait(20), proc:log())
+    assert.matches("queue '" .. q:gsub("%-", "%%-") .. "' is empty %(%-%-until%-empty%), nothing in "
+      .. "flight; exiting", proc:log())
+    assert.equal(25, #H.records(rec))
+    assert.same({}, H.drain(q))
+    assert.equal(25, #ids)
+  end)
+
+  it("--until-empty on an empty queue exits at once", function()
+    local q = H.queue("emptyalready")
+    local t0 = H.now()
+    local proc = H.start(recorder(), { "--url", H.url, "--queue", q, "--until-empty" })
+    assert.equal(0, proc:wait(10), proc:log())
+    assert.is_true(H.now() - t0 < 5, "took " .. (H.now() - t0) .. " s")
+  end)
+end)
