@@ -50,4 +50,47 @@ describe("scripted runs", function()
     assert.equal(0, proc:wait(10), proc:log())
     assert.is_true(H.now() - t0 < 5, "took " .. (H.now() - t0) .. " s")
   end)
+
+  it("--report writes one JSON line per job, matching the outcomes by message id", function()
+    local cjson = require "cjson"
+    local q, dlq = H.queue("report", { dead_letter = true })
+    local report = H.tmpdir() .. "/report.jsonl"
+    local script = H.script([[
+      local warren = require "warren"
+      function handle(body, msg)
+        if body == "reject" then return warren.reject() end
+        if body == "requeue" and not msg.redelivered then return warren.requeue() end
+        if body == "fail" then error("no good\nat all") end
+      end]])
+    for _, body in ipairs({ "ok", "reject", "requeue", "fail" }) do
+      H.publish(q, 1, { prefix = body, body = body })
+    end
+    local proc = H.start(script, { "--url", H.url, "--queue", q, "--until-empty",
+      "--on-error", "reject", "--report", report })
+    assert.equal(0, proc:wait(20), proc:log())
+    local by = {}
+    for line in (H.read_file(report) or ""):gmatch("[^\n]+") do
+      local r = cjson.decode(line)
+      by[r.message_id] = by[r.message_id] or {}
+      table.insert(by[r.message_id], r)
+    end
+    assert.equal(1, #by.ok1)
+    assert.same({ "ack", false, 0, 1, cjson.null }, { by.ok1[1].outcome, by.ok1[1].redelivered,
+      by.ok1[1].retries, by.ok1[1].version, by.ok1[1].error })
+    assert.equal(q, by.ok1[1].queue)
+    assert.is_number(by.ok1[1].delivery_tag)
+    assert.is_true(by.ok1[1].duration_s >= 0 and by.ok1[1].duration_s < 5)
+    assert.equal("reject", by.reject1[1].outcome)
+    assert.same({ "requeue", "ack" }, { by.requeue1[1].outcome, by.requeue1[2].outcome })
+    assert.same({ false, true }, { by.requeue1[1].redelivered, by.requeue1[2].redelivered })
+    assert.equal("reject", by.fail1[1].outcome)
+    assert.matches(":5: no good\nat all$", by.fail1[1].error)
+    assert.same({ "fail1", "reject1" }, H.ids(H.drain(dlq)))
+    -- To standard output, with the logs on stderr.
+    H.publish(q, 1, { prefix = "out", body = "ok" })
+    local code, out = H.run({ "--url", H.url, "--queue", q, "--until-empty", "--report", "-",
+      script }, { split = true })
+    assert.equal(0, code)
+    assert.equal("out1", cjson.decode(out).message_id)
+  end)
 end)

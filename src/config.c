@@ -39,6 +39,8 @@ const char wr_usage[] =
     "      --max-jobs N           start at most N jobs, then drain and exit 0\n"
     "      --until-empty          drain and exit 0 once the queue is empty and nothing is in\n"
     "                             flight\n"
+    "      --report FILE          append one JSON line per job that ended to FILE (- for\n"
+    "                             standard output)\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
     "      --log-format FORMAT    text, logfmt or json, one record per line (default text)\n"
     "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
@@ -146,6 +148,7 @@ enum opt_id {
     OPT_LOG_FORMAT,
     OPT_MAX_JOBS,
     OPT_UNTIL_EMPTY,
+    OPT_REPORT,
     OPT_COUNT
 };
 
@@ -172,6 +175,7 @@ static const struct option_spec {
     [OPT_LOG_FORMAT] = {0, "log-format", "WARREN_LOG_FORMAT", true},
     [OPT_MAX_JOBS] = {0, "max-jobs", "WARREN_MAX_JOBS", true},
     [OPT_UNTIL_EMPTY] = {0, "until-empty", "WARREN_UNTIL_EMPTY", false},
+    [OPT_REPORT] = {0, "report", "WARREN_REPORT", true},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -269,6 +273,10 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
         c->max_jobs = n;
         return 0;
     }
+    case OPT_REPORT:
+        if (!*v) return fail(err, errlen, "%s: expected a file name or -, got ''", from);
+        c->report = v;
+        return 0;
     case OPT_UNTIL_EMPTY:
         if (parse_bool(v, &c->until_empty))
             return fail(err, errlen, "%s: expected 1/0, true/false or yes/no, got '%s'", from, v);

@@ -12,6 +12,7 @@
 #include "warren/metrics.h"
 #include "warren/notify.h"
 #include "warren/reload.h"
+#include "warren/report.h"
 #include "warren/retry.h"
 #include "warren/spawn.h"
 #include "warren/stats.h"
@@ -39,6 +40,7 @@ typedef struct host {
     ev_timer status_timer; /* sends a changed STATUS= once a second */
     wr_stats stats;        /* what /metrics serves */
     wr_metrics *metrics;   /* --metrics, or NULL */
+    wr_report *report;     /* --report, or NULL */
     ev_timer lag_timer;    /* measures how late the loop runs timers (metrics only) */
     double lag_due;        /* ev_time() at which lag_timer should fire */
     double start_time;     /* Unix seconds */
@@ -405,7 +407,21 @@ static void count_job(host *h, const wr_job *job, wr_outcome outcome, int how) {
                                                          : WR_STAT_REQUEUE;
     h->stats.jobs[so]++;
     if (outcome == WR_OUT_FAILED) h->stats.job_errors++;
-    wr_hist_observe(&h->stats.job_duration, wr_clock() - wr_job_started(job));
+    double took = wr_clock() - wr_job_started(job);
+    wr_hist_observe(&h->stats.job_duration, took);
+    if (!h->report) return;
+    const wr_delivery *d = wr_job_delivery(job);
+    wr_report_line l = {.queue = h->cfg->queue,
+                        .message_id = d->props.message_id.bytes,
+                        .id_len = d->props.message_id.len,
+                        .delivery_tag = (unsigned long long)d->tag,
+                        .outcome = wr_stat_outcome_name(so),
+                        .redelivered = d->redelivered,
+                        .retries = wr_retry_count(d),
+                        .duration_s = took,
+                        .version = wr_job_version(job),
+                        .error = wr_job_error(job)};
+    wr_report_job(h->report, &l);
 }
 
 static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
@@ -641,6 +657,7 @@ static void lag_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 
 /* Frees what wr_host_run made before the loop could run. */
 static int give_up(host *h, int code) {
+    wr_report_close(h->report);
     wr_metrics_free(h->metrics);
     wr_notify_free(h->notify);
     wr_reloader_free(h->reloader);
@@ -694,6 +711,10 @@ int wr_host_run(const wr_config *cfg) {
     if (!h->notify) {
         wr_error("out of memory");
         return give_up(h, WR_EXIT_UNAVAILABLE);
+    }
+    if (cfg->report && !(h->report = wr_report_open(cfg->report, err, sizeof err))) {
+        wr_error("%s", err);
+        return give_up(h, WR_EXIT_USAGE);
     }
     if (cfg->metrics_port) {
         static const wr_metrics_source source = {serve_metrics, serve_health, NULL};
@@ -772,6 +793,7 @@ int wr_host_run(const wr_config *cfg) {
     ev_timer_stop(h->loop, &h->lag_timer);
     wr_notify_free(h->notify);
     wr_metrics_free(h->metrics);
+    wr_report_close(h->report);
     /* Signal handlers outlive the loop: a late signal must not reach it. */
     ev_signal_stop(h->loop, &h->sigint);
     ev_signal_stop(h->loop, &h->sigterm);

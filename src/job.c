@@ -3,6 +3,7 @@
 #include <lauxlib.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "warren/config.h"
@@ -28,6 +29,7 @@ struct wr_job {
     bool interrupt;    /* the hook ends it: the forced stage came while it computed */
     double expires;    /* monotonic time of its --job-timeout, 0 for none */
     double started;
+    char *error; /* the first failure's message, or NULL */
     double resumed_at;
     wr_job *prev, *next; /* all running jobs */
     wr_job *next_ready;  /* jobs to resume on the next loop turn */
@@ -90,6 +92,9 @@ wr_job *wr_job_need_wait(lua_State *L, const char *fn) {
 
 wr_delivery *wr_job_delivery(const wr_job *j) {
     return j->delivery;
+}
+const char *wr_job_error(const wr_job *j) {
+    return j->error;
 }
 double wr_job_started(const wr_job *j) {
     return j->started;
@@ -310,6 +315,14 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
     return 0;
 }
 
+/* Keeps the first error of the job, without its traceback, for
+ * wr_job_error. */
+static void keep_error(wr_job *j, const char *detail) {
+    if (j->error) return;
+    const char *end = strstr(detail, "\nstack traceback:");
+    j->error = strndup(detail, end ? (size_t)(end - detail) : strlen(detail));
+}
+
 /* Logs "job ID (tag N) WHAT: DETAIL". */
 static void log_failure(const wr_job *j, const char *what, const char *detail) {
     const wr_ctx *ctx = j->vm->ctx;
@@ -334,6 +347,7 @@ static void report_error(wr_job *j) {
     lua_State *L = j->vm->L, *co = j->co;
     if (!lua_checkstack(L, 3) || !lua_checkstack(co, 2)) {
         log_failure(j, "failed", "(not enough memory to describe the error)");
+        keep_error(j, "(not enough memory to describe the error)");
         return;
     }
     lua_pushcfunction(L, describe);
@@ -341,10 +355,11 @@ static void report_error(wr_job *j) {
     lua_xmove(co, L, 1);
     lua_pushvalue(co, -1);
     lua_xmove(co, L, 1);
-    if (lua_pcall(L, 2, 1, 0) == LUA_OK)
-        log_failure(j, "failed", lua_tostring(L, -1));
-    else
-        log_failure(j, "failed", "(an error whose description itself failed)");
+    const char *detail = lua_pcall(L, 2, 1, 0) == LUA_OK
+                             ? lua_tostring(L, -1)
+                             : "(an error whose description itself failed)";
+    log_failure(j, "failed", detail);
+    keep_error(j, detail);
     lua_pop(L, 1);
 }
 
@@ -389,6 +404,7 @@ static void run(wr_job *j, int nargs) {
         /* No traceback: building one needs the memory that just ran out. */
         j->failure = WR_FAIL_MEMORY;
         log_failure(j, "failed", "not enough memory");
+        keep_error(j, "not enough memory");
     } else {
         j->failure = WR_FAIL_ERROR;
         report_error(j);
@@ -446,6 +462,7 @@ static void finish(wr_job *j, wr_outcome outcome, bool failed) {
     s->done(s->ud, j, outcome);
     luaL_unref(j->vm->L, LUA_REGISTRYINDEX, j->co_ref);
     wr_vm_unref(j->vm);
+    free(j->error);
     free(j);
 }
 
@@ -501,6 +518,7 @@ bool wr_job_fail(wr_job *j, wr_failure kind, const char *why) {
     if (j->failure < 0) {
         j->failure = (int)kind;
         log_failure(j, kind == WR_FAIL_TIMEOUT ? "timed out" : "failed", why);
+        keep_error(j, why);
     }
     if (j->running) return false;
     finish(j, WR_OUT_FAILED, false);

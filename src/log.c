@@ -58,14 +58,17 @@ void wr_log_set_format(wr_log_format f) {
     journal = stderr_is_journal();
 }
 
-/* A line being built; what does not fit is cut, and the line still ends. */
+/* A line being built in buf; what does not fit is cut, leaving room for
+ * the line's end. */
 typedef struct line {
-    char buf[40 * 1024]; /* the longest message, every byte escaped to six */
-    size_t len;
+    char *buf;
+    size_t len, cap;
 } line;
 
 static void add(line *l, const char *s, size_t n) {
-    if (n > sizeof l->buf - 2 - l->len) n = sizeof l->buf - 2 - l->len;
+    size_t room = l->cap - 2 - l->len;
+    /* An escape or a character is written whole or not at all. */
+    if (n > room) n = n <= 6 ? 0 : room;
     memcpy(l->buf + l->len, s, n);
     l->len += n;
 }
@@ -160,7 +163,8 @@ static void emit(wr_log_level level, const wr_log_job *job, const char *fmt, va_
     size_t sl = strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
     snprintf(stamp + sl, sizeof stamp - sl, ".%03ldZ", ts.tv_nsec / 1000000L);
     /* One write per record, so lines from a log-heavy job never interleave. */
-    line l = {.len = 0};
+    char buf[40 * 1024]; /* the longest message, every byte escaped to six */
+    line l = {buf, 0, sizeof buf};
     if (format == WR_LOG_TEXT) {
         if (journal)
             addf(&l, "<%d>%-5s ", priorities[level], names[level]);
@@ -215,4 +219,13 @@ void wr_log_for(wr_log_level level, const wr_log_job *job, const char *fmt, ...)
     va_start(ap, fmt);
     emit(level, job, fmt, ap);
     va_end(ap);
+}
+
+size_t wr_json_string(char *out, size_t cap, const char *s, size_t n) {
+    line l = {out, 0, cap - 1}; /* room for the closing quote */
+    adds(&l, "\"");
+    add_escaped(&l, s, n, true, true);
+    out[l.len++] = '"';
+    out[l.len] = '\0';
+    return l.len;
 }

@@ -15,6 +15,13 @@ static const double job_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 static const double lag_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                     0.1,   0.25,   0.5,   1,    2.5,   5};
 
+static const char *const outcomes[WR_STAT_OUTCOMES] = {"ack", "requeue", "reject", "retry",
+                                                       "interrupted"};
+
+const char *wr_stat_outcome_name(wr_stat_outcome o) {
+    return outcomes[o];
+}
+
 void wr_stats_init(wr_stats *s) {
     memset(s, 0, sizeof *s);
     s->job_duration.bounds = job_bounds;
@@ -132,8 +139,6 @@ static void put_process(out *o, double start_time) {
 }
 
 char *wr_stats_render(const wr_stats *s, const wr_gauges *g, size_t *len) {
-    static const char *const outcomes[WR_STAT_OUTCOMES] = {"ack", "requeue", "reject", "retry",
-                                                           "interrupted"};
     out o = {0};
     char q[1100]; /* a queue name is at most 255 bytes, each escaped to two at most */
     queue_label(q, sizeof q, g->queue);

@@ -89,6 +89,10 @@ wr_job *wr_job_need_wait(lua_State *L, const char *fn);
  * (wr_clock). */
 wr_delivery *wr_job_delivery(const wr_job *j);
 double wr_job_started(const wr_job *j);
+
+/* Why the job failed, without a traceback: the error, "not enough memory",
+ * "ran longer than ..."; NULL when it did not fail. */
+const char *wr_job_error(const wr_job *j);
 unsigned wr_job_version(const wr_job *j);
 
 /* Suspends the job for seconds; call as `return wr_job_sleep(...)` from a

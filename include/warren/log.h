@@ -51,6 +51,10 @@ void wr_log(wr_log_level level, const char *fmt, ...) __attribute__((format(prin
 void wr_log_for(wr_log_level level, const wr_log_job *job, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Writes s (n bytes) into out as a JSON string, quotes included, escaped as
+ * in the json format; cut to fit cap (at least 8). Returns its length. */
+size_t wr_json_string(char *out, size_t cap, const char *s, size_t n);
+
 /* "s" unless n is 1: "%zu job%s", n, wr_plural(n). */
 static inline const char *wr_plural(unsigned long long n) {
     return n == 1 ? "" : "s";

@@ -51,6 +51,9 @@ typedef struct wr_gauges {
 
 void wr_stats_init(wr_stats *s);
 
+/* The outcome's label: "ack", "requeue", "reject", "retry", "interrupted". */
+const char *wr_stat_outcome_name(wr_stat_outcome o);
+
 void wr_hist_observe(wr_hist *h, double seconds);
 
 /* Writes every metric, with the process metrics of this process, in the
