@@ -93,4 +93,26 @@ describe("scripted runs", function()
     assert.equal(0, code)
     assert.equal("out1", cjson.decode(out).message_id)
   end)
+
+  it("replays dead-lettered messages to their queue with examples/replay.lua", function()
+    local q, dlq = H.queue("replay", { dead_letter = true })
+    local rejecter = H.script([[
+      function handle(body, msg) return require("warren").reject() end]])
+    local ids = H.publish(q, 3, { prefix = "dead", body = "payload" })
+    local proc = H.start(rejecter, { "--url", H.url, "--queue", q, "--until-empty" })
+    assert.equal(0, proc:wait(20), proc:log())
+    H.wait_until(function() return H.depth(dlq) == 3 end, 10, "three dead-lettered")
+    local replay = H.start(H.source_dir .. "/examples/replay.lua",
+      { "--url", H.url, "--queue", dlq, "--until-empty" })
+    assert.equal(0, replay:wait(20), replay:log())
+    assert.matches("replayed to " .. q:gsub("%-", "%%-"), replay:log())
+    assert.equal(0, (H.depth(dlq)))
+    -- Back in their queue, with their ids, and no longer marked as dead.
+    local back = H.drain(q)
+    assert.same(ids, H.sorted(H.ids(back)))
+    for _, m in ipairs(back) do
+      assert.equal(0, m.deaths)
+      assert.equal(#"payload", m.len)
+    end
+  end)
 end)
