@@ -388,3 +388,31 @@ describe("warren try on a terminal", function()
       H.read_file(out) or "", 1, true)
   end)
 end)
+
+describe("warren try, publishing and retrying", function()
+  it("prints what a job would publish as JSON lines, and honours --max-retries", function()
+    local cjson = require "cjson"
+    local path = H.script([[
+      local warren = require "warren"
+      function handle(body, msg)
+        warren.publish{ routing_key = "out", body = body .. "\n\0!", message_id = "m-" .. body }
+        if body == "later" then warren.retry(5) end
+      end]])
+    local code, out, err = H.run({ "try", "--max-retries", "2", path, "now", "later" },
+      { split = true })
+    assert.equal(0, code, err)
+    local got = lines(out)
+    assert.equal(4, #got, out)
+    local first = cjson.decode(got[1]).publish
+    assert.same({ exchange = "", routing_key = "out", message_id = "m-now", persistent = true,
+      body = "now\n\0!" }, first)
+    assert.equal("try-1: ack", got[2])
+    assert.equal("m-later", cjson.decode(got[3]).publish.message_id)
+    -- The original is acked once its copy is out, as in the worker.
+    assert.equal("try-2: ack", got[4])
+    assert.matches("try: retry 1 of 2 in 5 s", err, 1, true)
+    code, out = H.run({ "try", "--max-retries", "0", path, "later" }, { split = true })
+    assert.equal(1, code)
+    assert.matches("try%-1: reject\n$", out)
+  end)
+end)

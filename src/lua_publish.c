@@ -260,6 +260,28 @@ static void build(lua_State *L, wr_message *m, amqp_pool_t *pool) {
     ensure_message_id(L, p);
 }
 
+/* `warren try` has no broker: what a job would have published is printed on
+ * standard output as a JSON line, {"publish": {...}} (or "reply"). */
+static void print_published(const char *fn, const wr_message *m) {
+    const amqp_basic_properties_t *p = &m->props;
+    char ex[1100], key[1100], id[1600];
+    size_t cap = m->body.len * 6 + 8; /* every byte escaped, the quotes, the end */
+    char *body = malloc(cap);
+    if (!body) {
+        wr_error("try: not enough memory to print a message of %zu bytes", m->body.len);
+        return;
+    }
+    wr_json_string(ex, sizeof ex, m->exchange.bytes, m->exchange.len);
+    wr_json_string(key, sizeof key, m->routing_key.bytes, m->routing_key.len);
+    wr_json_string(id, sizeof id, p->message_id.bytes, p->message_id.len);
+    wr_json_string(body, cap, m->body.bytes, m->body.len);
+    printf("{\"%s\":{\"exchange\":%s,\"routing_key\":%s,\"message_id\":%s,\"persistent\":%s,"
+           "\"body\":%s}}\n",
+           fn, ex, key, id, p->delivery_mode == 2 ? "true" : "false", body);
+    fflush(stdout);
+    free(body);
+}
+
 static int publish_table(lua_State *L, const char *fn) {
     wr_job *j = wr_job_need_wait(L, fn);
     amqp_pool_t *pool = new_pool(L);
@@ -267,9 +289,7 @@ static int publish_table(lua_State *L, const char *fn) {
     build(L, &m, pool);
     wr_publisher *pub = context(L)->pub;
     if (!pub) {
-        wr_info("try: %s to exchange '%.*s' with routing key '%.*s': %zu bytes", fn,
-                (int)m.exchange.len, (char *)m.exchange.bytes, (int)m.routing_key.len,
-                (char *)m.routing_key.bytes, m.body.len);
+        print_published(fn, &m);
         lua_pushboolean(L, 1);
         return 1;
     }
