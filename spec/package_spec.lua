@@ -131,14 +131,16 @@ describe("the Debian package", function()
     assert.equal(version, sh(q(bin) .. " --version"))
   end)
 
-  it("holds every example, and each loads with warren check", function()
+  it("holds every example, and each job script loads with warren check", function()
     local want = sh("cd " .. q(H.source_dir .. "/examples") .. " && ls")
     assert.equal(want, sh("cd " .. q(doc .. "/examples") .. " && ls"))
     local n = 0
     for name in want:gmatch("[^\n]+%.lua") do
+      if name:match("_spec%.lua$") then goto next end -- a busted spec of a job script
       local path = doc .. "/examples/" .. name
       assert.equal(path .. ": ok\n", sh(q(root .. "/usr/bin/warren") .. " check " .. q(path)))
       n = n + 1
+      ::next::
     end
     assert.is_true(n >= 2, "examples found: " .. n)
   end)
