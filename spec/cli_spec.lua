@@ -416,3 +416,37 @@ describe("warren try, publishing and retrying", function()
     assert.matches("try%-1: reject\n$", out)
   end)
 end)
+
+describe("warren try --virtual-time", function()
+  local HOUR = H.script([[
+    local warren = require "warren"
+    function handle(body, msg)
+      warren.sleep(3600)
+      warren.log.info("slept an hour")
+    end]])
+
+  it("tries a script that sleeps an hour in under a second", function()
+    local t0 = H.now()
+    local code, out, err = H.run({ "try", "--virtual-time", "--job-timeout", "0", HOUR, "a", "b" },
+      { split = true })
+    assert.equal(0, code, err)
+    assert.equal("try-1: ack\ntry-2: ack\n", out)
+    assert.equal(2, select(2, err:gsub("slept an hour", "")))
+    assert.is_true(H.now() - t0 < 1, "took " .. (H.now() - t0) .. " s")
+  end)
+
+  it("counts --job-timeout on the virtual clock", function()
+    local code, out, err = H.run({ "try", "--virtual-time", HOUR, "a" }, { split = true })
+    assert.equal(1, code)
+    assert.equal("try-1: retry\n", out)
+    assert.matches("job try-1 (tag 1) timed out: ran longer than 1500 s (--job-timeout)", err, 1,
+      true)
+    assert.is_nil(err:find("slept an hour", 1, true))
+  end)
+
+  it("is refused outside try", function()
+    local code, out = H.run({ "--queue", "x", "--virtual-time", HOUR })
+    assert.equal(64, code)
+    assert.equal("warren: --virtual-time only applies to warren try\n", out)
+  end)
+end)

@@ -41,6 +41,8 @@ const char wr_usage[] =
     "                             flight\n"
     "      --report FILE          append one JSON line per job that ended to FILE (- for\n"
     "                             standard output)\n"
+    "      --virtual-time         try: sleeps end at once, advancing a virtual clock that\n"
+    "                             --job-timeout counts\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
     "      --log-format FORMAT    text, logfmt or json, one record per line (default text)\n"
     "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
@@ -149,6 +151,7 @@ enum opt_id {
     OPT_MAX_JOBS,
     OPT_UNTIL_EMPTY,
     OPT_REPORT,
+    OPT_VIRTUAL_TIME,
     OPT_COUNT
 };
 
@@ -176,6 +179,7 @@ static const struct option_spec {
     [OPT_MAX_JOBS] = {0, "max-jobs", "WARREN_MAX_JOBS", true},
     [OPT_UNTIL_EMPTY] = {0, "until-empty", "WARREN_UNTIL_EMPTY", false},
     [OPT_REPORT] = {0, "report", "WARREN_REPORT", true},
+    [OPT_VIRTUAL_TIME] = {0, "virtual-time", "WARREN_VIRTUAL_TIME", false},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -273,6 +277,10 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
         c->max_jobs = n;
         return 0;
     }
+    case OPT_VIRTUAL_TIME:
+        if (parse_bool(v, &c->virtual_time))
+            return fail(err, errlen, "%s: expected 1/0, true/false or yes/no, got '%s'", from, v);
+        return 0;
     case OPT_REPORT:
         if (!*v) return fail(err, errlen, "%s: expected a file name or -, got ''", from);
         c->report = v;
@@ -437,6 +445,10 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
         c->nbodies = npos - first - 1;
     } else if (npos > first + 1) {
         fail(err, errlen, "unexpected argument '%s' (see warren --help)", positional[first + 1]);
+        goto out;
+    }
+    if (c->virtual_time && c->command != WR_CMD_TRY) {
+        fail(err, errlen, "--virtual-time only applies to warren try");
         goto out;
     }
     if (c->command == WR_CMD_RUN && !c->queue) {

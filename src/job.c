@@ -45,6 +45,8 @@ struct wr_sched {
     ev_idle idle;               /* keeps the loop from blocking while jobs are ready */
     ev_check check;             /* resumes ready jobs after each poll */
     double job_timeout;         /* seconds, 0 = none */
+    bool virtual_time;          /* sleeps are skipped, and counted in skipped */
+    double skipped;             /* seconds of sleep skipped so far */
     wr_job *current;            /* the job being resumed: its lua_resume is on the C stack */
 };
 
@@ -57,6 +59,11 @@ double wr_clock(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The scheduler's clock: wr_clock, plus the sleeps virtual time skipped. */
+static double sched_clock(const wr_sched *s) {
+    return wr_clock() + s->skipped;
 }
 
 static inline wr_job **job_slot(lua_State *L) {
@@ -177,7 +184,7 @@ void wr_job_hook(lua_State *L, lua_Debug *ar) {
         luaL_error(L, "%s", j->interrupt ? "interrupted: the worker is stopping" : "job failed");
     double t = wr_clock();
     if (t - j->resumed_at < WR_SLICE_SECONDS) return;
-    if (j->expires > 0 && t >= j->expires) {
+    if (j->expires > 0 && sched_clock(j->sched) >= j->expires) {
         char why[96];
         snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
         wr_job_fail(j, WR_FAIL_TIMEOUT, why);
@@ -220,6 +227,10 @@ void wr_sched_free(wr_sched *s) {
     ev_idle_stop(s->loop, &s->idle);
     ev_check_stop(s->loop, &s->check);
     free(s);
+}
+
+void wr_sched_set_virtual_time(wr_sched *s, bool on) {
+    s->virtual_time = on;
 }
 
 void wr_sched_set_job_timeout(wr_sched *s, double seconds) {
@@ -305,7 +316,7 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
     if (s->job_timeout > 0) {
         ev_now_update(s->loop); /* counted from now, not from the loop's last wake-up */
         ev_timer_start(s->loop, &j->deadline);
-        j->expires = wr_clock() + s->job_timeout; /* for the hook, when the loop cannot run */
+        j->expires = sched_clock(s) + s->job_timeout; /* for the hook, when the loop cannot run */
     }
     j->next = s->jobs;
     if (s->jobs) s->jobs->prev = j;
@@ -503,7 +514,32 @@ int wr_job_results(wr_job *j, lua_CFunction push, void *ud) {
     return -1;
 }
 
+/* A sleep under virtual time: over at the next loop turn, the clock moved
+ * on by its length; one that reaches the job's limit ends the job there. */
+static int skip_sleep(lua_State *L, wr_job *j, double seconds) {
+    wr_sched *s = j->sched;
+    double now = sched_clock(s);
+    if (j->expires > 0 && now + seconds >= j->expires) {
+        s->skipped += j->expires - now;
+        char why[96];
+        snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", s->job_timeout);
+        wr_job_fail(j, WR_FAIL_TIMEOUT, why); /* running: the error below ends it */
+        return luaL_error(L, "job failed: %s", why);
+    }
+    s->skipped += seconds;
+    if (j->expires > 0) { /* the real timer, moved up by the skip */
+        ev_timer_stop(s->loop, &j->deadline);
+        ev_timer_set(&j->deadline, j->expires - sched_clock(s), 0);
+        ev_timer_start(s->loop, &j->deadline);
+    }
+    j->wait = WR_WAIT_SLEEP;
+    ev_timer_set(&j->timer, 0, 0);
+    ev_timer_start(s->loop, &j->timer);
+    return lua_yield(L, 0);
+}
+
 int wr_job_sleep(lua_State *L, wr_job *j, double seconds) {
+    if (j->sched->virtual_time) return skip_sleep(L, j, seconds);
     j->wait = WR_WAIT_SLEEP;
     /* Timers count from the loop's cached time, which is as old as this
      * loop turn (or the script load, in `warren try`): refresh it so a

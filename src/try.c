@@ -141,6 +141,7 @@ int wr_try(const wr_config *cfg) {
     }
     t.sched = s;
     wr_sched_set_job_timeout(s, cfg->job_timeout);
+    wr_sched_set_virtual_time(s, cfg->virtual_time);
     ev_signal_init(&t.sigint, signal_cb, SIGINT);
     ev_signal_init(&t.sigterm, signal_cb, SIGTERM);
     t.sigint.data = t.sigterm.data = &t;

@@ -44,6 +44,7 @@ typedef struct wr_config {
     long max_jobs;         /* --max-jobs: start at most this many jobs, then drain; 0 = no limit */
     bool until_empty;      /* --until-empty: exit once the queue is empty, nothing in flight */
     const char *report;    /* --report: a JSON line per job to this file ("-": stdout), or NULL */
+    bool virtual_time;     /* try --virtual-time: sleeps end at once, on a virtual clock */
     int metrics_port;      /* --metrics: 0 = no metrics server */
     char metrics_host[64]; /* its numeric address; "" = every interface */
     wr_log_level log_level;

@@ -71,6 +71,12 @@ void wr_sched_interrupt_all(wr_sched *s);
  * Applies to jobs started from now on. */
 void wr_sched_set_job_timeout(wr_sched *s, double seconds);
 
+/* Virtual time (`warren try --virtual-time`): a sleep ends on the next loop
+ * turn and moves a virtual clock on by its length instead; --job-timeout
+ * counts on that clock, so a sleep past a job's limit ends it as a timeout
+ * there. Computation and programs still take their real time. */
+void wr_sched_set_virtual_time(wr_sched *s, bool on);
+
 size_t wr_sched_running(const wr_sched *s);
 
 /* The job whose coroutine L is, or NULL (main chunk, nested coroutine). */
