@@ -450,3 +450,59 @@ describe("warren try --virtual-time", function()
     assert.equal("warren: --virtual-time only applies to warren try\n", out)
   end)
 end)
+
+describe("warren try with fixtures", function()
+  it("delivers each fixture as a broker would, with headers, properties and reply_to", function()
+    local cjson = require "cjson"
+    local dir = H.tmpdir()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        warren.sleep(3600)
+        record("msg", msg.message_id, #body, msg.routing_key, msg.exchange == "" and "-" or msg.exchange,
+          tostring(msg.redelivered), msg.headers.kind or "-",
+          msg.headers.nested and msg.headers.nested[2] or "-", msg.content_type or "-")
+        if msg.reply_to then warren.reply(msg, "re: " .. body) end
+      end]])
+    H.write_file(dir .. "/one.json", cjson.encode({
+      body = "hello", routing_key = "rk", exchange = "ex", redelivered = true,
+      headers = { kind = "thumb", nested = { 1, "two" } },
+      properties = { reply_to = "answers", correlation_id = "c-9", content_type = "text/plain" },
+    }))
+    H.write_file(dir .. "/many.jsonl", '{"body_base64": "AAEC/w=="}\n\n{"message_id": "given"}\n')
+    local rec = H.record_file()
+    local t0 = H.now()
+    local code, out, err = H.run({ "try", "--virtual-time", "--job-timeout", "0", "--message",
+      dir .. "/one.json", script }, { split = true, env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, code, err)
+    local got = lines(out)
+    local reply = cjson.decode(got[1]).reply
+    assert.same({ "answers", "re: hello" }, { reply.routing_key, reply.body })
+    assert.equal("try-1: ack", got[2])
+    assert.same({ "msg", "try-1", "5", "rk", "ex", "true", "thumb", "two", "text/plain" },
+      { table.unpack(H.records(rec)[1], 1, 9) })
+    code, out, err = H.run({ "try", "--virtual-time", "--job-timeout", "0", "--messages",
+      dir .. "/many.jsonl", script }, { split = true, env = { [H.RECORD_ENV] = rec } })
+    assert.equal(0, code, err)
+    assert.equal("try-1: ack\ntry-2: ack\n", out)
+    local r = H.records(rec)
+    assert.same({ "msg", "try-1", "4", "try", "-", "false" }, { table.unpack(r[2], 1, 6) })
+    assert.same({ "msg", "given", "0" }, { table.unpack(r[3], 1, 3) })
+    -- Three hours of sleep in all.
+    assert.is_true(H.now() - t0 < 2, "took " .. (H.now() - t0) .. " s")
+  end)
+
+  it("refuses fixtures it cannot read, with exit 64", function()
+    local dir = H.tmpdir()
+    H.write_file(dir .. "/bad.json", "{bad")
+    local script = H.script("function handle() end")
+    local code, _, err = H.run({ "try", "--message", dir .. "/bad.json", script },
+      { split = true })
+    assert.equal(64, code)
+    assert.matches("^warren try: " .. literal(dir) .. "/bad%.json: Expected object key", err)
+    code, _, err = H.run({ "try", "--message", dir .. "/bad.json", script, "body" },
+      { split = true })
+    assert.equal(64, code)
+    assert.equal("warren: give bodies or --message/--messages, not both\n", err)
+  end)
+end)

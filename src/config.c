@@ -43,6 +43,9 @@ const char wr_usage[] =
     "                             standard output)\n"
     "      --virtual-time         try: sleeps end at once, advancing a virtual clock that\n"
     "                             --job-timeout counts\n"
+    "      --message FILE         try: the message in FILE (JSON: body or body_base64,\n"
+    "                             headers, properties, routing_key, exchange, redelivered)\n"
+    "      --messages FILE        try: one such message per line of FILE\n"
     "      --log-level LEVEL      debug, info, warn or error (default info)\n"
     "      --log-format FORMAT    text, logfmt or json, one record per line (default text)\n"
     "      --metrics [HOST:]PORT  serve /metrics (Prometheus) and /healthz over HTTP on PORT\n"
@@ -152,6 +155,8 @@ enum opt_id {
     OPT_UNTIL_EMPTY,
     OPT_REPORT,
     OPT_VIRTUAL_TIME,
+    OPT_MESSAGE,
+    OPT_MESSAGES,
     OPT_COUNT
 };
 
@@ -180,6 +185,8 @@ static const struct option_spec {
     [OPT_UNTIL_EMPTY] = {0, "until-empty", "WARREN_UNTIL_EMPTY", false},
     [OPT_REPORT] = {0, "report", "WARREN_REPORT", true},
     [OPT_VIRTUAL_TIME] = {0, "virtual-time", "WARREN_VIRTUAL_TIME", false},
+    [OPT_MESSAGE] = {0, "message", "WARREN_MESSAGE", true},
+    [OPT_MESSAGES] = {0, "messages", "WARREN_MESSAGES", true},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -277,6 +284,14 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
         c->max_jobs = n;
         return 0;
     }
+    case OPT_MESSAGE:
+    case OPT_MESSAGES:
+        if (!*v) return fail(err, errlen, "%s: expected a file name", from);
+        if (c->fixtures)
+            return fail(err, errlen, "%s: give one of --message and --messages, once", from);
+        c->fixtures = v;
+        c->fixture_lines = id == OPT_MESSAGES;
+        return 0;
     case OPT_VIRTUAL_TIME:
         if (parse_bool(v, &c->virtual_time))
             return fail(err, errlen, "%s: expected 1/0, true/false or yes/no, got '%s'", from, v);
@@ -447,8 +462,13 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
         fail(err, errlen, "unexpected argument '%s' (see warren --help)", positional[first + 1]);
         goto out;
     }
-    if (c->virtual_time && c->command != WR_CMD_TRY) {
-        fail(err, errlen, "--virtual-time only applies to warren try");
+    if ((c->virtual_time || c->fixtures) && c->command != WR_CMD_TRY) {
+        fail(err, errlen, "%s only applies to warren try",
+             c->virtual_time ? "--virtual-time" : "--message/--messages");
+        goto out;
+    }
+    if (c->fixtures && c->nbodies > 0) {
+        fail(err, errlen, "give bodies or --message/--messages, not both");
         goto out;
     }
     if (c->command == WR_CMD_RUN && !c->queue) {

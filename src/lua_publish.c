@@ -212,9 +212,7 @@ static void ensure_message_id(lua_State *L, amqp_basic_properties_t *p) {
     p->_flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
 }
 
-/* Fills m from the table at index 1. Strings stay on the Lua stack, so m is
- * valid until the C function returns or yields. */
-static void build(lua_State *L, wr_message *m, amqp_pool_t *pool) {
+void wr_lua_build_message(lua_State *L, wr_message *m, amqp_pool_t *pool) {
     luaL_checktype(L, 1, LUA_TTABLE);
     memset(m, 0, sizeof *m);
     lua_getfield(L, 1, "exchange");
@@ -286,7 +284,7 @@ static int publish_table(lua_State *L, const char *fn) {
     wr_job *j = wr_job_need_wait(L, fn);
     amqp_pool_t *pool = new_pool(L);
     wr_message m;
-    build(L, &m, pool);
+    wr_lua_build_message(L, &m, pool);
     wr_publisher *pub = context(L)->pub;
     if (!pub) {
         print_published(fn, &m);

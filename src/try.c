@@ -6,7 +6,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <lauxlib.h>
+#include <lualib.h>
+
 #include "warren/job.h"
+#include "warren/lua_api.h"
 #include "warren/load.h"
 #include "warren/log.h"
 #include "warren/retry.h"
@@ -81,17 +85,24 @@ static const char *name(const trial *t) {
     }
 }
 
-/* Runs one body to its end; returns 1 when it was acked. */
+/* One message to try: what a broker would deliver. */
+typedef struct trial_msg {
+    amqp_basic_deliver_t deliver;
+    amqp_basic_properties_t props;
+    amqp_bytes_t body;
+} trial_msg;
+
+/* Runs one message to its end; returns 1 when it was acked. */
 static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_assembler *a, long n,
-                   const char *body, size_t len) {
+                   const trial_msg *msg) {
     char id[32];
     snprintf(id, sizeof id, "try-%ld", n);
+    amqp_basic_deliver_t m = msg->deliver;
+    amqp_basic_properties_t p = msg->props;
+    size_t len = msg->body.len;
+    const void *body = msg->body.bytes;
+    m.delivery_tag = (uint64_t)n;
     /* The same frames a broker would send, through the same assembler. */
-    amqp_basic_deliver_t m = {.delivery_tag = (uint64_t)n,
-                              .exchange = amqp_empty_bytes,
-                              .routing_key = amqp_cstring_bytes("try")};
-    amqp_basic_properties_t p = {._flags = AMQP_BASIC_MESSAGE_ID_FLAG,
-                                 .message_id = amqp_cstring_bytes(id)};
     amqp_frame_t f[3] = {0};
     f[0].frame_type = AMQP_FRAME_METHOD;
     f[0].payload.method.id = AMQP_BASIC_DELIVER_METHOD;
@@ -123,6 +134,144 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
     return t->outcome == WR_OUT_ACK;
 }
 
+/* A body given on the command line or standard input, as message try-N. */
+static int run_body(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_assembler *a, long n,
+                    const char *body, size_t len) {
+    char id[32];
+    snprintf(id, sizeof id, "try-%ld", n);
+    trial_msg m = {
+        .deliver = {.exchange = amqp_empty_bytes, .routing_key = amqp_cstring_bytes("try")},
+        .props = {._flags = AMQP_BASIC_MESSAGE_ID_FLAG, .message_id = amqp_cstring_bytes(id)},
+        .body = {len, (void *)body}};
+    return run_one(loop, s, t, vm, a, n, &m);
+}
+
+/* Reads the fixtures file (one JSON object, or JSON lines) into a list of
+ * tables warren.publish would accept: "properties" merged in, body_base64
+ * decoded, JSON null dropped, and defaults (routing_key "try", message_id
+ * "try-N"). Needs lua-cjson. */
+static const char fixtures_lua[] =
+    "local path, lines = ...\n"
+    "local ok, cjson = pcall(require, 'cjson')\n"
+    "if not ok then error('reading fixtures needs lua-cjson (Debian package lua-cjson)', 0) end\n"
+    "local f, err = io.open(path, 'rb')\n"
+    "if not f then error(err, 0) end\n"
+    "local text = f:read('a')\n"
+    "f:close()\n"
+    "local list = {}\n"
+    "local function decode(s, where)\n"
+    "  local good, v = pcall(cjson.decode, s)\n"
+    "  if not good then error(path .. where .. ': ' .. tostring(v), 0) end\n"
+    "  if type(v) ~= 'table' then error(path .. where .. ': not a JSON object', 0) end\n"
+    "  list[#list + 1] = v\n"
+    "end\n"
+    "if lines then\n"
+    "  local n = 0\n"
+    "  for line in (text .. '\\n'):gmatch('([^\\n]*)\\n') do\n"
+    "    n = n + 1\n"
+    "    if line:match('%S') then decode(line, ':' .. n) end\n"
+    "  end\n"
+    "else\n"
+    "  decode(text, '')\n"
+    "end\n"
+    "local b64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'\n"
+    "local function unbase64(s)\n"
+    "  s = s:gsub('[^%w%+/=]', '')\n"
+    "  return (s:gsub('=*$', ''):gsub('.', function(c)\n"
+    "    local v = b64:find(c, 1, true) - 1\n"
+    "    local bits = ''\n"
+    "    for i = 5, 0, -1 do bits = bits .. ((v >> i) & 1) end\n"
+    "    return bits\n"
+    "  end):gsub('%d%d%d%d%d%d%d%d', function(byte) return string.char(tonumber(byte, 2)) end)"
+    ":gsub('%d+$', ''))\n"
+    "end\n"
+    "local function clean(t)\n"
+    "  for k, v in pairs(t) do\n"
+    "    if v == cjson.null then t[k] = nil elseif type(v) == 'table' then clean(v) end\n"
+    "  end\n"
+    "end\n"
+    "for i, m in ipairs(list) do\n"
+    "  clean(m)\n"
+    "  if type(m.properties) == 'table' then\n"
+    "    for k, v in pairs(m.properties) do if m[k] == nil then m[k] = v end end\n"
+    "  end\n"
+    "  m.properties = nil\n"
+    "  if type(m.body_base64) == 'string' then m.body = unbase64(m.body_base64) end\n"
+    "  m.body = m.body or ''\n"
+    "  m.routing_key = m.routing_key or 'try'\n"
+    "  m.message_id = m.message_id or ('try-' .. i)\n"
+    "end\n"
+    "return list\n";
+
+/* Protected: the trial_msg (argument 2) of the fixture table (argument 1),
+ * its strings left on the stack above it; headers in the pool (argument 3). */
+static int fixture_message(lua_State *L) {
+    trial_msg *out = lua_touserdata(L, 2);
+    amqp_pool_t *pool = lua_touserdata(L, 3);
+    lua_settop(L, 1);
+    wr_message m;
+    wr_lua_build_message(L, &m, pool);
+    lua_getfield(L, 1, "redelivered");
+    *out = (trial_msg){.deliver = {.exchange = m.exchange,
+                                   .routing_key = m.routing_key,
+                                   .redelivered = lua_toboolean(L, -1)},
+                       .props = m.props,
+                       .body = m.body};
+    return lua_gettop(L); /* the strings m points to stay on the caller's stack */
+}
+
+/* --message / --messages: each fixture in turn, as its message would come
+ * from a broker. Returns 0, or an exit code when the fixtures cannot be
+ * read (the error on stderr). */
+static int run_fixtures(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_assembler *a,
+                        int *all_acked) {
+    const wr_config *cfg = t->cfg;
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        fprintf(stderr, "warren try: out of memory\n");
+        return WR_EXIT_USAGE;
+    }
+    luaL_openlibs(L);
+    int rc = 0;
+    if (luaL_loadbuffer(L, fixtures_lua, sizeof fixtures_lua - 1, "=fixtures") != LUA_OK) {
+        fprintf(stderr, "warren try: %s\n", lua_tostring(L, -1));
+        rc = WR_EXIT_USAGE;
+        goto out;
+    }
+    lua_pushstring(L, cfg->fixtures);
+    lua_pushboolean(L, cfg->fixture_lines);
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+        fprintf(stderr, "warren try: %s\n", lua_tostring(L, -1));
+        rc = WR_EXIT_USAGE;
+        goto out;
+    }
+    int list = lua_gettop(L);
+    lua_Integer count = luaL_len(L, list);
+    for (lua_Integer i = 1; i <= count && !t->stopped; i++) {
+        amqp_pool_t pool;
+        init_amqp_pool(&pool, 1024);
+        trial_msg m;
+        int top = lua_gettop(L);
+        lua_pushcfunction(L, fixture_message);
+        lua_rawgeti(L, list, i);
+        lua_pushlightuserdata(L, &m);
+        lua_pushlightuserdata(L, &pool);
+        if (lua_pcall(L, 3, LUA_MULTRET, 0) != LUA_OK) {
+            fprintf(stderr, "warren try: %s: fixture %lld: %s\n", cfg->fixtures, (long long)i,
+                    lua_tostring(L, -1));
+            empty_amqp_pool(&pool);
+            rc = WR_EXIT_USAGE;
+            goto out;
+        }
+        *all_acked &= run_one(loop, s, t, vm, a, (long)i, &m);
+        lua_settop(L, top);
+        empty_amqp_pool(&pool);
+    }
+out:
+    lua_close(L);
+    return rc;
+}
+
 int wr_try(const wr_config *cfg) {
     char err[WR_LOAD_ERROR_MAX];
     trial t = {.cfg = cfg};
@@ -147,11 +296,13 @@ int wr_try(const wr_config *cfg) {
     t.sigint.data = t.sigterm.data = &t;
     wr_assembler a;
     wr_assembler_init(&a, 1);
-    int all_acked = 1;
+    int all_acked = 1, unreadable = 0;
     long n = 0;
-    if (cfg->nbodies > 0) {
+    if (cfg->fixtures) {
+        unreadable = run_fixtures(loop, s, &t, vm, &a, &all_acked);
+    } else if (cfg->nbodies > 0) {
         for (int i = 0; i < cfg->nbodies && !t.stopped; i++)
-            all_acked &= run_one(loop, s, &t, vm, &a, ++n, cfg->bodies[i], strlen(cfg->bodies[i]));
+            all_acked &= run_body(loop, s, &t, vm, &a, ++n, cfg->bodies[i], strlen(cfg->bodies[i]));
     } else {
         if (isatty(0))
             fprintf(stderr, "warren try: reading bodies from standard input, one per line; "
@@ -161,7 +312,7 @@ int wr_try(const wr_config *cfg) {
         ssize_t len;
         while (!t.stopped && (len = getline(&line, &cap, stdin)) >= 0) {
             if (len > 0 && line[len - 1] == '\n') len--;
-            all_acked &= run_one(loop, s, &t, vm, &a, ++n, line, (size_t)len);
+            all_acked &= run_body(loop, s, &t, vm, &a, ++n, line, (size_t)len);
         }
         free(line);
     }
@@ -170,6 +321,7 @@ int wr_try(const wr_config *cfg) {
     wr_sched_free(s);
     wr_spawn_shutdown();
     ev_loop_destroy(loop);
+    if (unreadable) return unreadable;
     if (t.stopped) return WR_EXIT_TEMPFAIL;
     return all_acked ? 0 : 1;
 }

@@ -45,6 +45,8 @@ typedef struct wr_config {
     bool until_empty;      /* --until-empty: exit once the queue is empty, nothing in flight */
     const char *report;    /* --report: a JSON line per job to this file ("-": stdout), or NULL */
     bool virtual_time;     /* try --virtual-time: sleeps end at once, on a virtual clock */
+    const char *fixtures;  /* try --message/--messages: the file of messages, or NULL */
+    bool fixture_lines;    /* --messages: JSON lines; --message: one JSON object */
     int metrics_port;      /* --metrics: 0 = no metrics server */
     char metrics_host[64]; /* its numeric address; "" = every interface */
     wr_log_level log_level;
