@@ -176,4 +176,19 @@ describe("job limits", function()
     assert.same({}, H.drain(q))
     assert.equal(1, count(rec, "closed", "nap1"))
   end)
+
+  it("names the copy of a message without an id, and the log goes on by that id", function()
+    local q = H.queue("noid")
+    local script = H.script('function handle(body, msg) error("boom") end')
+    local proc = H.worker(script, q, { "--max-retries", 1 })
+    assert.is_true(os.execute("amqp-publish --url=" .. H.quote(H.url) .. " -p -r " .. H.quote(q)
+      .. " -b x"))
+    local pattern = "job %(tag %d+%) failed: retry in 1 s as attempt 1 of 1; the copy is message "
+      .. "(warren%-%d+%-r%d+)"
+    proc:wait_log(pattern, 10)
+    local id = proc:log():match(pattern)
+    proc:wait_log("job " .. id:gsub("%-", "%%-") .. " %(tag %d+%) failed: reject, 1 of 1 retries "
+      .. "used", 10)
+    assert.equal(0, H.term(proc))
+  end)
 end)

@@ -374,14 +374,23 @@ static int after_failure(host *h, wr_job *job) {
     wr_delivery *d = wr_job_delivery(job);
     wr_verdict v = wr_policy_decide(h->cfg->on_error, wr_job_failure(job), wr_retry_count(d),
                                     h->cfg->max_retries);
-    char what[160], err[300];
+    char what[160], err[300], copy[300];
     wr_verdict_describe(&v, what, sizeof what);
-    LOG_JOB(WR_LOG_WARN, d, wr_job_version(job), "%s", what);
-    if (v.action == WR_VERDICT_REJECT) return WR_SETTLE_REJECT;
-    if (v.action == WR_VERDICT_REQUEUE) return WR_SETTLE_REQUEUE;
-    if (wr_retrier_send(h->retrier, d, v.delay_ms, err, sizeof err) == 0) return -1;
-    LOG_JOB(WR_LOG_ERROR, d, wr_job_version(job),
-            "cannot publish its retry copy (%s); requeueing it", err);
+    unsigned version = wr_job_version(job);
+    if (v.action != WR_VERDICT_RETRY) {
+        LOG_JOB(WR_LOG_WARN, d, version, "%s", what);
+        return v.action == WR_VERDICT_REJECT ? WR_SETTLE_REJECT : WR_SETTLE_REQUEUE;
+    }
+    if (wr_retrier_send(h->retrier, d, v.delay_ms, copy, sizeof copy, err, sizeof err) == 0) {
+        /* A message without an id: its copy got one, by which the log goes on. */
+        if (d->props.message_id.len)
+            LOG_JOB(WR_LOG_WARN, d, version, "%s", what);
+        else
+            LOG_JOB(WR_LOG_WARN, d, version, "%s; the copy is message %s", what, copy);
+        return -1;
+    }
+    LOG_JOB(WR_LOG_WARN, d, version, "%s", what);
+    LOG_JOB(WR_LOG_ERROR, d, version, "cannot publish its retry copy (%s); requeueing it", err);
     return WR_SETTLE_REQUEUE;
 }
 

@@ -122,28 +122,33 @@ static void confirmed(void *ctx, const char *err) {
  * where needed, with a confirm callback. Returns the publish's id, or 0
  * with a message in err. */
 static uint64_t publish_copy(wr_publisher *pub, const char *queue, const wr_delivery *d,
-                             long delay_ms, wr_confirm_fn cb, void *ctx, char *err, size_t errlen) {
+                             long delay_ms, wr_confirm_fn cb, void *ctx, char *copy_id,
+                             size_t idlen, char *err, size_t errlen) {
     char delay_queue[300];
     snprintf(delay_queue, sizeof delay_queue, "%s.retry.%ld", queue, delay_ms);
     amqp_pool_t pool;
     init_amqp_pool(&pool, 1024);
     wr_message m;
     uint64_t id = 0;
-    if (wr_retry_copy(&m, d, queue, delay_queue, delay_ms, wr_retry_count(d), &pool))
+    if (wr_retry_copy(&m, d, queue, delay_queue, delay_ms, wr_retry_count(d), &pool)) {
         snprintf(err, errlen, "out of memory");
-    else
+    } else {
+        snprintf(copy_id, idlen, "%.*s", (int)m.props.message_id.len,
+                 (const char *)m.props.message_id.bytes);
         id = wr_publisher_send(pub, &m, cb, ctx, err, errlen);
+    }
     empty_amqp_pool(&pool); /* the publisher keeps a copy */
     return id;
 }
 
-int wr_retrier_send(wr_retrier *r, wr_delivery *d, long delay_ms, char *err, size_t errlen) {
+int wr_retrier_send(wr_retrier *r, wr_delivery *d, long delay_ms, char *copy_id, size_t idlen,
+                    char *err, size_t errlen) {
     pending *p = calloc(1, sizeof *p);
     if (!p) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    p->id = publish_copy(r->pub, r->queue, d, delay_ms, confirmed, p, err, errlen);
+    p->id = publish_copy(r->pub, r->queue, d, delay_ms, confirmed, p, copy_id, idlen, err, errlen);
     if (!p->id) {
         free(p);
         return -1;

@@ -43,10 +43,11 @@ wr_retrier *wr_retrier_new(wr_publisher *pub, const char *queue, wr_retried_fn d
 void wr_retrier_free(wr_retrier *r);
 
 /* Publishes the copy of d to the delay queue of delay_ms and keeps d until
- * the broker answers; done is then called. Returns 0, or -1 with a message
- * in err when the copy could not be sent: done is not called and d is still
- * the caller's. */
-int wr_retrier_send(wr_retrier *r, wr_delivery *d, long delay_ms, char *err, size_t errlen);
+ * the broker answers; done is then called. The copy's message id goes into
+ * copy_id. Returns 0, or -1 with a message in err when the copy could not be
+ * sent: done is not called and d is still the caller's. */
+int wr_retrier_send(wr_retrier *r, wr_delivery *d, long delay_ms, char *copy_id, size_t idlen,
+                    char *err, size_t errlen);
 
 /* Deliveries waiting for their copy's confirm. */
 size_t wr_retrier_pending(const wr_retrier *r);
