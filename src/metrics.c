@@ -1,5 +1,6 @@
 #include "warren/metrics.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <microhttpd.h>
@@ -17,6 +18,60 @@
 #define REQUEST_MEMORY (16 * 1024)
 #define IDLE_SECONDS 10
 
+/* libmicrohttpd, loaded when a server starts: linked in, it and the TLS
+ * libraries it brings (GnuTLS and its own) cost every worker about 3 MiB of
+ * resident memory, --metrics or not. */
+#define MHD_LIBRARY "libmicrohttpd.so.12"
+static struct {
+    void *lib;
+    struct MHD_Daemon *(*start_daemon)(unsigned int, uint16_t, MHD_AcceptPolicyCallback, void *,
+                                       MHD_AccessHandlerCallback, void *, ...);
+    const union MHD_DaemonInfo *(*get_daemon_info)(struct MHD_Daemon *, enum MHD_DaemonInfoType,
+                                                   ...);
+    enum MHD_Result (*run)(struct MHD_Daemon *);
+    enum MHD_Result (*get_timeout)(struct MHD_Daemon *, MHD_UNSIGNED_LONG_LONG *);
+    void (*stop_daemon)(struct MHD_Daemon *);
+    struct MHD_Response *(*create_response_from_buffer)(size_t, void *,
+                                                        enum MHD_ResponseMemoryMode);
+    enum MHD_Result (*add_response_header)(struct MHD_Response *, const char *, const char *);
+    enum MHD_Result (*queue_response)(struct MHD_Connection *, unsigned int, struct MHD_Response *);
+    void (*destroy_response)(struct MHD_Response *);
+} mhd;
+
+/* Loads the library once. Returns 0, or -1 with err. */
+static int load_mhd(char *err, size_t errlen) {
+    if (mhd.lib) return 0;
+    void *lib = dlopen(MHD_LIBRARY, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(err, errlen, "--metrics needs %s (Debian package libmicrohttpd12): %s",
+                 MHD_LIBRARY, dlerror());
+        return -1;
+    }
+    /* POSIX: a function pointer converts from dlsym's void * through memcpy. */
+#define SYM(field, name)                                                                           \
+    do {                                                                                           \
+        void *p = dlsym(lib, name);                                                                \
+        if (!p) {                                                                                  \
+            snprintf(err, errlen, "--metrics: %s has no %s", MHD_LIBRARY, name);                   \
+            dlclose(lib);                                                                          \
+            return -1;                                                                             \
+        }                                                                                          \
+        memcpy(&mhd.field, &p, sizeof p);                                                          \
+    } while (0)
+    SYM(start_daemon, "MHD_start_daemon");
+    SYM(get_daemon_info, "MHD_get_daemon_info");
+    SYM(run, "MHD_run");
+    SYM(get_timeout, "MHD_get_timeout");
+    SYM(stop_daemon, "MHD_stop_daemon");
+    SYM(create_response_from_buffer, "MHD_create_response_from_buffer");
+    SYM(add_response_header, "MHD_add_response_header");
+    SYM(queue_response, "MHD_queue_response");
+    SYM(destroy_response, "MHD_destroy_response");
+#undef SYM
+    mhd.lib = lib;
+    return 0;
+}
+
 struct wr_metrics {
     struct ev_loop *loop;
     struct MHD_Daemon *daemon;
@@ -27,10 +82,10 @@ struct wr_metrics {
 
 /* Lets the daemon work, then waits for what it asks for next. */
 static void pump(wr_metrics *m) {
-    MHD_run(m->daemon);
+    mhd.run(m->daemon);
     MHD_UNSIGNED_LONG_LONG ms;
     ev_timer_stop(m->loop, &m->timer);
-    if (MHD_get_timeout(m->daemon, &ms) == MHD_YES) {
+    if (mhd.get_timeout(m->daemon, &ms) == MHD_YES) {
         ev_timer_set(&m->timer, (double)ms / 1000.0, 0);
         ev_timer_start(m->loop, &m->timer);
     }
@@ -56,15 +111,15 @@ static void log_cb(void *cls, const char *fmt, va_list ap) {
 
 static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const char *type,
                              char *body, size_t len, enum MHD_ResponseMemoryMode mode) {
-    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, mode);
+    struct MHD_Response *r = mhd.create_response_from_buffer(len, body, mode);
     if (!r) {
         if (mode == MHD_RESPMEM_MUST_FREE) free(body);
         return MHD_NO; /* out of memory: the connection is closed */
     }
-    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
-    enum MHD_Result rc = MHD_queue_response(c, status, r);
-    MHD_destroy_response(r);
+    mhd.add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    mhd.add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    enum MHD_Result rc = mhd.queue_response(c, status, r);
+    mhd.destroy_response(r);
     return rc;
 }
 
@@ -142,6 +197,7 @@ static int listen_on(const char *host, int port, char *err, size_t errlen) {
 
 wr_metrics *wr_metrics_start(struct ev_loop *loop, const char *host, int port,
                              const wr_metrics_source *src, char *err, size_t errlen) {
+    if (load_mhd(err, errlen)) return NULL;
     int fd = listen_on(host, port, err, errlen);
     if (fd < 0) return NULL;
     wr_metrics *m = calloc(1, sizeof *m);
@@ -153,16 +209,16 @@ wr_metrics *wr_metrics_start(struct ev_loop *loop, const char *host, int port,
     m->loop = loop;
     m->src = *src;
     /* No thread of its own: the loop drives it through its epoll descriptor. */
-    m->daemon = MHD_start_daemon(MHD_USE_EPOLL, 0, NULL, NULL, handle, m, MHD_OPTION_LISTEN_SOCKET,
+    m->daemon = mhd.start_daemon(MHD_USE_EPOLL, 0, NULL, NULL, handle, m, MHD_OPTION_LISTEN_SOCKET,
                                  fd, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
                                  MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)MAX_PER_ADDRESS,
                                  MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)REQUEST_MEMORY,
                                  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IDLE_SECONDS,
                                  MHD_OPTION_EXTERNAL_LOGGER, log_cb, NULL, MHD_OPTION_END);
     const union MHD_DaemonInfo *info =
-        m->daemon ? MHD_get_daemon_info(m->daemon, MHD_DAEMON_INFO_EPOLL_FD) : NULL;
+        m->daemon ? mhd.get_daemon_info(m->daemon, MHD_DAEMON_INFO_EPOLL_FD) : NULL;
     if (!info) {
-        if (m->daemon) MHD_stop_daemon(m->daemon);
+        if (m->daemon) mhd.stop_daemon(m->daemon);
         close(fd);
         free(m);
         snprintf(err, errlen, "--metrics: the HTTP server did not start");
@@ -180,6 +236,6 @@ void wr_metrics_free(wr_metrics *m) {
     if (!m) return;
     ev_io_stop(m->loop, &m->io);
     ev_timer_stop(m->loop, &m->timer);
-    MHD_stop_daemon(m->daemon); /* closes the listening socket too */
+    mhd.stop_daemon(m->daemon); /* closes the listening socket too */
     free(m);
 }
