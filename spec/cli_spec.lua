@@ -123,6 +123,12 @@ describe("warren check", function()
     assert.is_true(took >= 1 and took < 2.5, "took " .. took .. " s")
   end)
 
+  it("refuses two different queues rather than silently taking the last", function()
+    local code, out = H.run({ "-q", "a", "-q", "b", H.script("function handle() end") })
+    assert.equal(64, code)
+    assert.equal("warren: --queue given twice ('a' and 'b'): a worker consumes one queue\n", out)
+  end)
+
   it("reports an unreadable script like any usage error, in every command", function()
     for _, args in ipairs({ { "-q", "dots", "nosuch.lua" }, { "check", "nosuch.lua" },
       { "try", "nosuch.lua", "x" } }) do

@@ -413,6 +413,12 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
         } else {
             value = "1";
         }
+        if (id == OPT_QUEUE && flag[id] && strcmp(flag[id], value) != 0) {
+            /* Silently taking the last would leave the other queue without a worker. */
+            fail(err, errlen, "--queue given twice ('%s' and '%s'): a worker consumes one queue",
+                 flag[id], value);
+            goto out;
+        }
         if (id == OPT_URL)
             urlflags[nurlflags++] = (char *)value;
         else
