@@ -91,6 +91,15 @@ describe("metrics", function()
     for line in text:gmatch("[^\n]+") do
       assert.is_truthy(line:match("^# [HT][EY][LP]") or line:match("^[%a_]+{?.-}? %S+$"), line)
     end
+    assert.equal(0, sample(text, "warren_quiet"))
+    proc:signal("USR1")
+    H.wait_until(function() return sample(select(2, get(port, "/metrics")), "warren_quiet") == 1 end,
+      5, "quiet in the metrics")
+    local _, health = get(port, "/healthz")
+    assert.matches('"state":"quiet"', health, 1, true)
+    proc:signal("USR2")
+    H.wait_until(function() return sample(select(2, get(port, "/metrics")), "warren_quiet") == 0 end,
+      5, "consuming again in the metrics")
     proc:signal("HUP")
     H.wait_until(function()
       local _, body = get(port, "/metrics")

@@ -633,6 +633,7 @@ static char *serve_metrics(void *ud, size_t *len) {
     wr_gauges g = {.queue = h->cfg->queue,
                    .in_flight = in_flight(h),
                    .connected = wr_broker_connected(h->broker),
+                   .quiet = h->quiet,
                    .script_version = wr_reloader_current(h->reloader)->version,
                    .start_time = h->start_time};
     return wr_stats_render(&h->stats, &g, len);

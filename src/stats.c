@@ -157,6 +157,8 @@ char *wr_stats_render(const wr_stats *s, const wr_gauges *g, size_t *len) {
     put(&o, "warren_deliveries_total{%s,redelivered=\"true\"} %llu\n", q, s->deliveries[1]);
     help(&o, "warren_connected", "gauge", "1 while connected to the broker.");
     put(&o, "warren_connected %d\n", g->connected ? 1 : 0);
+    help(&o, "warren_quiet", "gauge", "1 in the quiet stage (SIGUSR1): connected, taking no work.");
+    put(&o, "warren_quiet %d\n", g->quiet ? 1 : 0);
     help(&o, "warren_reconnects_total", "counter", "Connections made again after a loss.");
     put(&o, "warren_reconnects_total %llu\n", s->reconnects);
     help(&o, "warren_reloads_total", "counter", "Script reloads, by result.");

@@ -45,6 +45,7 @@ typedef struct wr_gauges {
     const char *queue;
     size_t in_flight;
     bool connected;
+    bool quiet; /* SIGUSR1: consuming nothing on purpose */
     unsigned script_version;
     double start_time; /* process start, Unix seconds */
 } wr_gauges;
