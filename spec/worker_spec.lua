@@ -135,13 +135,14 @@ describe("worker", function()
     local script = H.script(H.RECORD_LUA .. [[
       function handle(body, msg)
         record(msg.message_id, msg.routing_key, msg.exchange == "" and "default" or msg.exchange,
-               msg.delivery_tag, msg.delivery_mode, msg.headers.color)
+               msg.delivery_tag, msg.delivery_mode, msg.headers.color, msg.queue)
       end]])
     H.publish(q, 1, { prefix = "p", headers = { color = "blue" } })
     local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec })
     H.wait_until(function() return #H.records(rec) == 1 end, 10, "handled")
     local r = H.records(rec)[1]
-    assert.same({ "p1", q, "default", "1", "2", "blue" }, { r[1], r[2], r[3], r[4], r[5], r[6] })
+    assert.same({ "p1", q, "default", "1", "2", "blue", q },
+      { r[1], r[2], r[3], r[4], r[5], r[6], r[7] })
     assert.equal(0, H.term(proc))
   end)
 end)

@@ -272,6 +272,11 @@ static int prepare(lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, a->vm->handle_ref);
     lua_pushlstring(L, a->d->body.bytes, a->d->body.len);
     wr_push_msg(L, a->d);
+    const wr_ctx *ctx = a->vm->ctx;
+    if (ctx->cfg && ctx->cfg->queue) { /* the queue it came from */
+        lua_pushstring(L, ctx->cfg->queue);
+        lua_setfield(L, -2, "queue");
+    }
     a->co = lua_newthread(L);
     lua_insert(L, -4);
     lua_xmove(L, a->co, 3);
