@@ -111,6 +111,13 @@ unsigned wr_job_version(const wr_job *j) {
 }
 
 static void finish(wr_job *j, wr_outcome outcome, bool failed);
+
+/* Fails j for running past --job-timeout (wr_job_fail), with the reason in
+ * why: a job running now must then raise it as an error. */
+static void time_out(wr_job *j, char *why, size_t len) {
+    snprintf(why, len, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
+    wr_job_fail(j, WR_FAIL_TIMEOUT, why);
+}
 static void run(wr_job *j, int nargs);
 
 static void check_cb(struct ev_loop *loop, ev_check *w, int revents) {
@@ -186,8 +193,7 @@ void wr_job_hook(lua_State *L, lua_Debug *ar) {
     if (t - j->resumed_at < WR_SLICE_SECONDS) return;
     if (j->expires > 0 && sched_clock(j->sched) >= j->expires) {
         char why[96];
-        snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
-        wr_job_fail(j, WR_FAIL_TIMEOUT, why);
+        time_out(j, why, sizeof why);
         luaL_error(L, "job failed: %s", why);
     }
     if (L == j->co && lua_isyieldable(L)) {
@@ -250,10 +256,8 @@ static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 
 static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     (void)loop, (void)revents;
-    wr_job *j = w->data;
     char why[96];
-    snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", j->sched->job_timeout);
-    wr_job_fail(j, WR_FAIL_TIMEOUT, why);
+    time_out(w->data, why, sizeof why);
 }
 
 /* What prepare makes in a protected call: every allocation of a job's start
@@ -527,8 +531,7 @@ static int skip_sleep(lua_State *L, wr_job *j, double seconds) {
     if (j->expires > 0 && now + seconds >= j->expires) {
         s->skipped += j->expires - now;
         char why[96];
-        snprintf(why, sizeof why, "ran longer than %g s (--job-timeout)", s->job_timeout);
-        wr_job_fail(j, WR_FAIL_TIMEOUT, why); /* running: the error below ends it */
+        time_out(j, why, sizeof why); /* running: the error below ends it */
         return luaL_error(L, "job failed: %s", why);
     }
     s->skipped += seconds;
