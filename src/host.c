@@ -22,8 +22,6 @@
 #define CLOSE_TIMEOUT 2.0
 /* --until-empty: seconds before asking again about messages that were left. */
 #define EMPTY_RECHECK 0.5
-/* Seconds between two measurements of the loop's lag. */
-#define LAG_INTERVAL 0.1
 
 typedef enum { CONNECTING, RUNNING, DRAINING, CLOSING, STOPPED } host_state;
 
@@ -41,8 +39,6 @@ typedef struct host {
     wr_stats stats;        /* what /metrics serves */
     wr_metrics *metrics;   /* --metrics, or NULL */
     wr_report *report;     /* --report, or NULL */
-    ev_timer lag_timer;    /* measures how late the loop runs timers (metrics only) */
-    double lag_due;        /* ev_time() at which lag_timer should fire */
     double start_time;     /* Unix seconds */
     host_state state;
     int exit_code;
@@ -653,18 +649,6 @@ static bool serve_health(void *ud, char *json, size_t len) {
     return ok;
 }
 
-/* How late the loop ran a timer that was due at lag_due; then the next. */
-static void lag_cb(struct ev_loop *loop, ev_timer *w, int revents) {
-    (void)revents;
-    host *h = w->data;
-    double now = ev_time();
-    wr_hist_observe(&h->stats.loop_lag, now - h->lag_due);
-    ev_now_update(loop);
-    h->lag_due = ev_time() + LAG_INTERVAL;
-    ev_timer_set(w, LAG_INTERVAL, 0);
-    ev_timer_start(loop, w);
-}
-
 /* Frees what wr_host_run made before the loop could run. */
 static int give_up(host *h, int code) {
     wr_report_close(h->report);
@@ -727,9 +711,7 @@ int wr_host_run(const wr_config *cfg) {
         return give_up(h, WR_EXIT_USAGE);
     }
     if (cfg->metrics_port) {
-        static const wr_metrics_source source = {serve_metrics, serve_health, NULL};
-        wr_metrics_source src = source;
-        src.ud = h;
+        wr_metrics_source src = {serve_metrics, serve_health, h, &h->stats.loop_lag};
         h->metrics =
             wr_metrics_start(h->loop, cfg->metrics_host, cfg->metrics_port, &src, err, sizeof err);
         if (!h->metrics) {
@@ -763,12 +745,6 @@ int wr_host_run(const wr_config *cfg) {
     ev_timer_init(&h->status_timer, status_cb, 1, 1);
     ev_timer_init(&h->empty_timer, empty_cb, EMPTY_RECHECK, 0);
     h->empty_timer.data = h;
-    ev_timer_init(&h->lag_timer, lag_cb, LAG_INTERVAL, 0);
-    h->lag_timer.data = h;
-    if (h->metrics) {
-        h->lag_due = ev_time() + LAG_INTERVAL;
-        ev_timer_start(h->loop, &h->lag_timer);
-    }
     h->drain_timer.data = h->retry_timer.data = h->stop_timer.data = h->status_timer.data = h;
     if (wr_notify_enabled(h->notify)) {
         send_status(h, NULL);
@@ -800,7 +776,6 @@ int wr_host_run(const wr_config *cfg) {
     wr_reloader_free(h->reloader);
     ev_timer_stop(h->loop, &h->status_timer);
     ev_timer_stop(h->loop, &h->empty_timer);
-    ev_timer_stop(h->loop, &h->lag_timer);
     wr_notify_free(h->notify);
     wr_metrics_free(h->metrics);
     wr_report_close(h->report);

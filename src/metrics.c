@@ -12,11 +12,14 @@
 #include <unistd.h>
 
 #include "warren/log.h"
+#include "warren/stats.h"
 
 #define MAX_CONNECTIONS 32
 #define MAX_PER_ADDRESS 8
 #define REQUEST_MEMORY (16 * 1024)
 #define IDLE_SECONDS 10
+/* Seconds between two measurements of the loop's lag. */
+#define LAG_INTERVAL 0.1
 
 /* libmicrohttpd, loaded when a server starts: linked in, it and the TLS
  * libraries it brings (GnuTLS and its own) cost every worker about 3 MiB of
@@ -78,6 +81,8 @@ struct wr_metrics {
     wr_metrics_source src;
     ev_io io;       /* the daemon's epoll descriptor */
     ev_timer timer; /* the daemon's own timeout (idle connections) */
+    ev_timer lag;   /* due every LAG_INTERVAL: how late it runs is the loop's lag */
+    double lag_due; /* ev_time() at which it should fire */
 };
 
 /* Lets the daemon work, then waits for what it asks for next. */
@@ -99,6 +104,17 @@ static void io_cb(struct ev_loop *loop, ev_io *w, int revents) {
 static void timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     (void)loop, (void)revents;
     pump(w->data);
+}
+
+/* How late the loop ran the lag timer; then the next one. */
+static void lag_cb(struct ev_loop *loop, ev_timer *w, int revents) {
+    (void)revents;
+    wr_metrics *m = w->data;
+    wr_hist_observe(m->src.lag, ev_time() - m->lag_due);
+    ev_now_update(loop);
+    m->lag_due = ev_time() + LAG_INTERVAL;
+    ev_timer_set(w, LAG_INTERVAL, 0);
+    ev_timer_start(loop, w);
 }
 
 static void log_cb(void *cls, const char *fmt, va_list ap) {
@@ -226,8 +242,12 @@ wr_metrics *wr_metrics_start(struct ev_loop *loop, const char *host, int port,
     }
     ev_io_init(&m->io, io_cb, info->epoll_fd, EV_READ);
     ev_timer_init(&m->timer, timer_cb, 0, 0);
-    m->io.data = m->timer.data = m;
+    ev_timer_init(&m->lag, lag_cb, LAG_INTERVAL, 0);
+    m->io.data = m->timer.data = m->lag.data = m;
     ev_io_start(loop, &m->io);
+    ev_now_update(loop);
+    m->lag_due = ev_time() + LAG_INTERVAL;
+    ev_timer_start(loop, &m->lag);
     pump(m);
     return m;
 }
@@ -236,6 +256,7 @@ void wr_metrics_free(wr_metrics *m) {
     if (!m) return;
     ev_io_stop(m->loop, &m->io);
     ev_timer_stop(m->loop, &m->timer);
+    ev_timer_stop(m->loop, &m->lag);
     mhd.stop_daemon(m->daemon); /* closes the listening socket too */
     free(m);
 }

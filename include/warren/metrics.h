@@ -6,9 +6,12 @@
  * connections (32 in all, 8 per address), the request (16 KiB) and idle
  * time (10 s) are bounded.
  *
- * Owned by the host. Owns on the loop the ev_io and the ev_timer;
- * wr_metrics_free stops them and closes every connection and the listening
- * socket. */
+ * It also measures how late the loop runs a timer due every 100 ms, the
+ * loop's lag, which only it serves.
+ *
+ * Owned by the host. Owns on the loop the ev_io, the daemon's ev_timer and
+ * the lag timer; wr_metrics_free stops them and closes every connection and
+ * the listening socket. */
 #ifndef WARREN_METRICS_H
 #define WARREN_METRICS_H
 
@@ -26,6 +29,7 @@ typedef struct wr_metrics_source {
     char *(*metrics)(void *ud, size_t *len);
     bool (*health)(void *ud, char *json, size_t len);
     void *ud;
+    struct wr_hist *lag; /* the server measures the loop's lag into it (stats.h) */
 } wr_metrics_source;
 
 /* Listens on host (a numeric IPv4 or IPv6 address; NULL or "" for every
