@@ -57,7 +57,8 @@ describe("warren check", function()
     { "an error object that is not a string", "local x = 1\nerror({})\n",
       ":2: %(error object is a table value%)" },
     { "a missing handle", "local x = 1\n",
-      ": no handle%(body, msg%) function %(define a global handle or return a table with one%)" },
+      ": no handle%(body, msg%) function, nor a table of them by queue name %(define a global "
+      .. "handle or return a table with one%)" },
     { "warren.sleep at load time", "require('warren').sleep(1)\nfunction handle() end\n",
       ":1: warren.sleep can only be called from a job's own coroutine" },
   }) do
@@ -123,10 +124,23 @@ describe("warren check", function()
     assert.is_true(took >= 1 and took < 2.5, "took " .. took .. " s")
   end)
 
-  it("refuses two different queues rather than silently taking the last", function()
-    local code, out = H.run({ "-q", "a", "-q", "b", H.script("function handle() end") })
+  it("refuses a queue given twice", function()
+    local code, out = H.run({ "-q", "a", "-q", "b,a:3", H.script("function handle() end") })
     assert.equal(64, code)
-    assert.equal("warren: --queue given twice ('a' and 'b'): a worker consumes one queue\n", out)
+    assert.equal("warren: --queue: queue 'a' given twice\n", out)
+  end)
+
+  it("names the queue a table of handlers has no handler for, before connecting", function()
+    local path = H.script("handle = { img = function() end, mail = 'not a function' }")
+    for _, args in ipairs({ { "check", "-q", "img,mail", path },
+      { "--url", "amqp://guest:guest@127.0.0.1:1/", "-q", "img", "-q", "mail", path } }) do
+      local code, out = H.run(args)
+      assert.equal(78, code, out)
+      assert.matches("no handler for queue 'mail'", out, 1, true)
+      assert.equal(1, #lines(out), out)
+    end
+    local code, out = H.run({ "check", "-q", "img", path })
+    assert.equal(0, code, out)
   end)
 
   it("reports an unreadable script like any usage error, in every command", function()

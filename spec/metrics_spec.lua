@@ -4,26 +4,13 @@
 local H = require "support.helper"
 local socket = require "socket"
 local http = require "socket.http"
-
--- A port nobody listens on right now.
-local function free_port()
-  local s = assert(socket.bind("127.0.0.1", 0))
-  local _, port = s:getsockname()
-  s:close()
-  return tonumber(port)
-end
+local free_port, sample = H.free_port, H.sample
 
 -- The status code and body, or nil and why.
 local function get(port, path)
   local body, code = http.request("http://127.0.0.1:" .. port .. path)
   if not body then return nil, code end
   return code, body
-end
-
--- The value of the sample "name{labels}" (labels exactly as served).
-local function sample(text, series)
-  local escaped = series:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?{}]", "%%%0")
-  return tonumber(text:match("\n" .. escaped .. " (%S+)"))
 end
 
 describe("metrics", function()

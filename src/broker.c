@@ -8,22 +8,39 @@
 #include "warren/ledger.h"
 #include "warren/log.h"
 
-#define CHANNEL 1
 /* What one URL gets of a connection attempt, at most. */
 #define CONNECT_SECONDS 5.0
 
 typedef enum {
-    B_DOWN,        /* no connection */
-    B_CONNECTING,  /* wire dialing or logging in */
-    B_OPENING,     /* channel.open sent */
-    B_QOS,         /* basic.qos sent */
-    B_IDLE,        /* channel open, not consuming */
-    B_DECLARING,   /* queue.declare sent */
-    B_SUBSCRIBING, /* basic.consume sent */
-    B_CONSUMING,
-    B_CANCELLING, /* basic.cancel sent */
+    B_DOWN,       /* no connection */
+    B_CONNECTING, /* wire dialing or logging in */
+    B_OPEN,       /* logged in: the channels are opening or open */
     B_CLOSING,    /* connection.close sent */
 } phase;
+
+/* Where a queue's channel is. */
+typedef enum {
+    C_CLOSED,
+    C_OPENING,     /* channel.open sent */
+    C_QOS,         /* basic.qos sent */
+    C_IDLE,        /* open, not consuming */
+    C_DECLARING,   /* queue.declare sent */
+    C_SUBSCRIBING, /* basic.consume sent */
+    C_CONSUMING,
+    C_CANCELLING, /* basic.cancel sent */
+} chan_phase;
+
+/* The channel of one queue: number index + 1. */
+typedef struct chan {
+    chan_phase phase;
+    bool consume_now; /* once open, consume (not just idle) */
+    const wr_queue_conf *queue;
+    char consumer_tag[256];
+    unsigned epoch;       /* the current opening; see wr_delivery.epoch */
+    unsigned depth_asked; /* passive declares sent by wr_broker_ask_depth, not answered */
+    wr_assembler assembler;
+    wr_ledger ledger;
+} chan;
 
 struct wr_broker {
     struct ev_loop *loop;
@@ -33,15 +50,11 @@ struct wr_broker {
     wr_wire *wire;
     phase phase;
     bool attempt;     /* connecting: failures try the next URL */
-    bool consume_now; /* once the channel is open, consume (not just idle) */
     size_t url_index; /* the URL to try first */
     size_t tried;     /* URLs tried in this attempt */
     ev_tstamp attempt_end;
-    char consumer_tag[256];
-    unsigned epoch;       /* the current channel opening; see wr_delivery.epoch */
-    unsigned depth_asked; /* passive declares sent by wr_broker_ask_depth, not answered */
-    wr_assembler assembler;
-    wr_ledger ledger;
+    chan *chans; /* one per queue */
+    size_t nchans;
     uint64_t *singles;
     size_t singles_cap;
     wr_publisher *publisher;
@@ -61,21 +74,28 @@ wr_broker *wr_broker_new(struct ev_loop *loop, const wr_config *cfg, const wr_br
     b->cfg = cfg;
     b->ev = *ev;
     b->ud = ud;
-    /* Keep as many recycled deliveries as can be in flight at once, up to a bound. */
-    wr_assembler_init(&b->assembler, cfg->prefetch < 1024 ? (size_t)cfg->prefetch + 1 : 1024);
-    wr_ledger_init(&b->ledger);
     ev_prepare_init(&b->flush, flush_cb);
     b->flush.data = b;
     static const wr_wire_events wev = {wire_ready, wire_frame, wire_closed};
-    if (!(b->wire = wr_wire_new(loop, &wev, b)) || !(b->publisher = wr_publisher_new(loop))) {
+    if (!(b->chans = calloc(cfg->nqueues, sizeof *b->chans)) ||
+        !(b->wire = wr_wire_new(loop, &wev, b)) || !(b->publisher = wr_publisher_new(loop))) {
         wr_broker_free(b);
         return NULL;
+    }
+    b->nchans = cfg->nqueues;
+    for (size_t i = 0; i < b->nchans; i++) {
+        chan *c = &b->chans[i];
+        c->queue = &cfg->queues[i];
+        /* Keep as many recycled deliveries as can be in flight at once, up to a bound. */
+        int pf = c->queue->prefetch;
+        wr_assembler_init(&c->assembler, pf < 1024 ? (size_t)pf + 1 : 1024);
+        wr_ledger_init(&c->ledger);
     }
     return b;
 }
 
 bool wr_broker_connected(const wr_broker *b) {
-    return b->phase >= B_IDLE && b->phase != B_CLOSING;
+    return b->phase == B_OPEN;
 }
 const char *wr_broker_where(const wr_broker *b) {
     return wr_wire_where(b->wire);
@@ -84,17 +104,28 @@ wr_publisher *wr_broker_publisher(wr_broker *b) {
     return b->publisher;
 }
 
-/* The channel opening is over: its tags and any half-assembled delivery die. */
-static void end_channel(wr_broker *b) {
-    b->epoch++;
-    b->depth_asked = 0;
-    wr_ledger_reset(&b->ledger);
-    wr_assembler_reset(&b->assembler);
+static amqp_channel_t number(const wr_broker *b, const chan *c) {
+    return (amqp_channel_t)(c - b->chans + 1);
+}
+
+/* A channel opening is over: its tags and any half-assembled delivery die. */
+static void end_channel(chan *c) {
+    c->epoch++;
+    c->depth_asked = 0;
+    c->phase = C_CLOSED;
+    wr_ledger_reset(&c->ledger);
+    wr_assembler_reset(&c->assembler);
+}
+
+/* The connection is over: every channel with it. */
+static void end_channels(wr_broker *b) {
+    for (size_t i = 0; i < b->nchans; i++)
+        end_channel(&b->chans[i]);
     ev_prepare_stop(b->loop, &b->flush);
 }
 
-static int method(wr_broker *b, amqp_method_number_t id, void *m) {
-    return wr_wire_method(b->wire, CHANNEL, id, m);
+static int method(wr_broker *b, chan *c, amqp_method_number_t id, void *m) {
+    return wr_wire_method(b->wire, c ? number(b, c) : 0, id, m);
 }
 
 static void open_url(wr_broker *b);
@@ -102,7 +133,7 @@ static void open_url(wr_broker *b);
 /* A connection attempt failed at one URL: the next, or report. */
 static void attempt_failed(wr_broker *b, wr_broker_status st, const char *why) {
     wr_wire_abort(b->wire);
-    end_channel(b);
+    end_channels(b);
     b->phase = B_DOWN;
     size_t n = b->cfg->nurls;
     if (++b->tried < n && ev_now(b->loop) < b->attempt_end) {
@@ -114,7 +145,7 @@ static void attempt_failed(wr_broker *b, wr_broker_status st, const char *why) {
     /* Next time start with the node after the one that failed last. */
     b->url_index = (b->url_index + 1) % n;
     b->attempt = false;
-    b->ev.failed(b->ud, st, why);
+    b->ev.failed(b->ud, WR_ALL_QUEUES, st, why);
 }
 
 static void open_url(wr_broker *b) {
@@ -131,7 +162,6 @@ static void open_url(wr_broker *b) {
 void wr_broker_connect(wr_broker *b, double timeout) {
     ev_now_update(b->loop);
     b->attempt = true;
-    b->consume_now = true;
     b->tried = 0;
     b->attempt_end = ev_now(b->loop) + (timeout > 0 ? timeout : 1e9);
     open_url(b);
@@ -145,7 +175,7 @@ static void connection_over(wr_broker *b, wr_broker_status st, const char *why) 
     }
     phase was = b->phase;
     wr_wire_abort(b->wire);
-    end_channel(b);
+    end_channels(b);
     b->phase = B_DOWN;
     if (was == B_CLOSING)
         b->ev.closed(b->ud, st == WR_BROKER_OK);
@@ -168,150 +198,169 @@ static void wire_closed(void *ud, wr_broker_status st, const char *why) {
     connection_over(ud, st, why);
 }
 
-static void open_channel(wr_broker *b) {
-    end_channel(b);
+static void open_channel(wr_broker *b, chan *c, bool consume) {
+    end_channel(c);
     amqp_channel_open_t m = {amqp_empty_bytes};
-    b->phase = B_OPENING;
-    method(b, AMQP_CHANNEL_OPEN_METHOD, &m);
+    c->phase = C_OPENING;
+    c->consume_now = consume;
+    method(b, c, AMQP_CHANNEL_OPEN_METHOD, &m);
 }
 
 static void wire_ready(void *ud) {
     wr_broker *b = ud;
     wr_publisher_target(b->publisher, b->cfg->urls[b->url_index], b->cfg->heartbeat);
-    open_channel(b);
+    b->phase = B_OPEN;
+    for (size_t i = 0; i < b->nchans; i++)
+        open_channel(b, &b->chans[i], true);
 }
 
-static void declare(wr_broker *b) {
-    const wr_config *c = b->cfg;
-    amqp_queue_declare_t m = {.queue = amqp_cstring_bytes(c->queue),
-                              .passive = !c->declare,
-                              .durable = c->declare,
+static void declare(wr_broker *b, chan *c) {
+    amqp_queue_declare_t m = {.queue = amqp_cstring_bytes(c->queue->name),
+                              .passive = !b->cfg->declare,
+                              .durable = b->cfg->declare,
                               .arguments = amqp_empty_table};
-    b->phase = B_DECLARING;
-    method(b, AMQP_QUEUE_DECLARE_METHOD, &m);
+    c->phase = C_DECLARING;
+    method(b, c, AMQP_QUEUE_DECLARE_METHOD, &m);
 }
 
-int wr_broker_ask_depth(wr_broker *b) {
-    if (b->phase != B_CONSUMING) return -1;
+int wr_broker_ask_depth(wr_broker *b, size_t q) {
+    chan *c = &b->chans[q];
+    if (b->phase != B_OPEN || c->phase != C_CONSUMING) return -1;
     amqp_queue_declare_t m = {
-        .queue = amqp_cstring_bytes(b->cfg->queue), .passive = 1, .arguments = amqp_empty_table};
-    if (method(b, AMQP_QUEUE_DECLARE_METHOD, &m)) return -1;
-    b->depth_asked++;
+        .queue = amqp_cstring_bytes(c->queue->name), .passive = 1, .arguments = amqp_empty_table};
+    if (method(b, c, AMQP_QUEUE_DECLARE_METHOD, &m)) return -1;
+    c->depth_asked++;
     return 0;
 }
 
-int wr_broker_consume(wr_broker *b) {
-    if (b->phase != B_IDLE) return -1;
-    declare(b);
+int wr_broker_consume(wr_broker *b, size_t q) {
+    chan *c = &b->chans[q];
+    if (b->phase != B_OPEN || c->phase != C_IDLE) return -1;
+    declare(b, c);
     return 0;
 }
 
-/* A reply on channel 1 moved the set-up along. */
-static void step(wr_broker *b, amqp_method_number_t id, const void *decoded) {
+/* Whether every queue is consumed: the end of a connection attempt. */
+static bool all_consuming(const wr_broker *b) {
+    for (size_t i = 0; i < b->nchans; i++)
+        if (b->chans[i].phase != C_CONSUMING) return false;
+    return true;
+}
+
+/* A reply on a queue's channel moved its set-up along. */
+static void step(wr_broker *b, chan *c, amqp_method_number_t id, const void *decoded) {
     /* The answer to wr_broker_ask_depth: asked while consuming, it may come
      * during the cancel that followed; replies come in order, so it is never
      * confused with the set-up's own declare. */
-    if (id == AMQP_QUEUE_DECLARE_OK_METHOD && b->depth_asked > 0 && b->phase != B_DECLARING) {
-        b->depth_asked--;
+    if (id == AMQP_QUEUE_DECLARE_OK_METHOD && c->depth_asked > 0 && c->phase != C_DECLARING) {
+        c->depth_asked--;
         const amqp_queue_declare_ok_t *ok = decoded;
-        b->ev.depth(b->ud, ok->message_count);
+        b->ev.depth(b->ud, (size_t)(c - b->chans), ok->message_count);
         return;
     }
-    switch (b->phase) {
-    case B_OPENING:
+    switch (c->phase) {
+    case C_OPENING:
         if (id != AMQP_CHANNEL_OPEN_OK_METHOD) break;
-        b->phase = B_QOS;
-        amqp_basic_qos_t qos = {0, (uint16_t)b->cfg->prefetch, 0};
-        method(b, AMQP_BASIC_QOS_METHOD, &qos);
+        c->phase = C_QOS;
+        amqp_basic_qos_t qos = {0, (uint16_t)c->queue->prefetch, 0};
+        method(b, c, AMQP_BASIC_QOS_METHOD, &qos);
         return;
-    case B_QOS:
+    case C_QOS:
         if (id != AMQP_BASIC_QOS_OK_METHOD) break;
-        b->phase = B_IDLE;
-        if (b->consume_now) declare(b);
+        c->phase = C_IDLE;
+        if (c->consume_now) declare(b, c);
         return;
-    case B_DECLARING:
+    case C_DECLARING:
         if (id != AMQP_QUEUE_DECLARE_OK_METHOD) break;
-        b->phase = B_SUBSCRIBING;
-        amqp_basic_consume_t m = {.queue = amqp_cstring_bytes(b->cfg->queue),
+        c->phase = C_SUBSCRIBING;
+        amqp_basic_consume_t m = {.queue = amqp_cstring_bytes(c->queue->name),
                                   .consumer_tag = amqp_empty_bytes,
                                   .arguments = amqp_empty_table};
-        method(b, AMQP_BASIC_CONSUME_METHOD, &m);
+        method(b, c, AMQP_BASIC_CONSUME_METHOD, &m);
         return;
-    case B_SUBSCRIBING: {
+    case C_SUBSCRIBING: {
         if (id != AMQP_BASIC_CONSUME_OK_METHOD) break;
         const amqp_basic_consume_ok_t *ok = decoded;
-        snprintf(b->consumer_tag, sizeof b->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
+        snprintf(c->consumer_tag, sizeof c->consumer_tag, "%.*s", (int)ok->consumer_tag.len,
                  (char *)ok->consumer_tag.bytes);
-        b->phase = B_CONSUMING;
-        b->attempt = false;
-        b->consume_now = false;
-        b->ev.consuming(b->ud);
+        c->phase = C_CONSUMING;
+        c->consume_now = false;
+        if (!b->attempt) {
+            b->ev.consuming(b->ud, (size_t)(c - b->chans));
+        } else if (all_consuming(b)) {
+            b->attempt = false;
+            b->ev.consuming(b->ud, WR_ALL_QUEUES);
+        }
         return;
     }
-    case B_CANCELLING:
+    case C_CANCELLING:
         if (id != AMQP_BASIC_CANCEL_OK_METHOD) break;
-        b->phase = B_IDLE;
+        c->phase = C_IDLE;
         return;
     default:
         break;
     }
-    violation(b, "unexpected %s on channel %d", amqp_method_name(id), CHANNEL);
+    violation(b, "unexpected %s on channel %u", amqp_method_name(id), (unsigned)number(b, c));
 }
 
-/* The broker closed channel 1 (a missing queue, an access error...). */
-static void channel_closed(wr_broker *b, const amqp_channel_close_t *m) {
+/* The broker closed a queue's channel (a missing queue, an access error...). */
+static void channel_closed(wr_broker *b, chan *c, const amqp_channel_close_t *m) {
     amqp_channel_close_ok_t ok = {0};
-    method(b, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-    bool missing = m->reply_code == AMQP_NOT_FOUND && b->phase == B_DECLARING;
+    method(b, c, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+    bool missing = m->reply_code == AMQP_NOT_FOUND && c->phase == C_DECLARING;
     wr_broker_status st = missing                                ? WR_BROKER_NO_QUEUE
                           : m->reply_code == AMQP_ACCESS_REFUSED ? WR_BROKER_REFUSED
                                                                  : WR_BROKER_FAILED;
     char why[400];
     if (missing)
         snprintf(why, sizeof why, "queue '%s' not found (create it, or pass --declare)",
-                 b->cfg->queue);
+                 c->queue->name);
     else
-        snprintf(why, sizeof why, "channel closed by the broker: %.*s", (int)m->reply_text.len,
-                 (char *)m->reply_text.bytes);
-    if (!b->attempt && (b->phase == B_DECLARING || b->phase == B_SUBSCRIBING)) {
+        snprintf(why, sizeof why, "channel of queue '%s' closed by the broker: %.*s",
+                 c->queue->name, (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    if (!b->attempt && (c->phase == C_DECLARING || c->phase == C_SUBSCRIBING)) {
         /* A re-consume failed: re-open the channel for a later try. */
         char err[512];
         snprintf(err, sizeof err, "%s: %s", wr_broker_where(b), why);
-        b->consume_now = false;
-        open_channel(b);
-        b->ev.failed(b->ud, st, err);
+        open_channel(b, c, false);
+        b->ev.failed(b->ud, (size_t)(c - b->chans), st, err);
         return;
     }
     /* Reported from the loop's top level: an attempt that failed, or a loss. */
     wr_wire_end(b->wire, AMQP_REPLY_SUCCESS, b->attempt ? st : WR_BROKER_UNREACHABLE, why);
 }
 
-static void delivered(wr_broker *b, const amqp_frame_t *f) {
+static bool our_tag(const chan *c, amqp_bytes_t tag) {
+    return tag.len == strlen(c->consumer_tag) && !memcmp(tag.bytes, c->consumer_tag, tag.len);
+}
+
+static void delivered(wr_broker *b, chan *c, const amqp_frame_t *f) {
     wr_delivery *d;
     if (f->frame_type == AMQP_FRAME_METHOD && f->payload.method.id == AMQP_BASIC_DELIVER_METHOD) {
         const amqp_basic_deliver_t *m = f->payload.method.decoded;
-        if (b->phase != B_CONSUMING && b->phase != B_CANCELLING) {
+        if (c->phase != C_CONSUMING && c->phase != C_CANCELLING) {
             violation(b, "a delivery while not consuming");
             return;
         }
-        if (m->consumer_tag.len != strlen(b->consumer_tag) ||
-            memcmp(m->consumer_tag.bytes, b->consumer_tag, m->consumer_tag.len)) {
+        if (!our_tag(c, m->consumer_tag)) {
             violation(b, "a delivery for another consumer");
             return;
         }
-        if (wr_ledger_receive(&b->ledger, m->delivery_tag)) {
+        if (wr_ledger_receive(&c->ledger, m->delivery_tag)) {
             violation(b, "delivery tag %llu out of sequence", (unsigned long long)m->delivery_tag);
             return;
         }
     }
-    int r = wr_assembler_feed(&b->assembler, f, &d);
+    int r = wr_assembler_feed(&c->assembler, f, &d);
     if (r == WR_FRAME_ERROR) {
         violation(b, "delivery frames out of order (a short or long body, or content without "
                      "a method)");
         return;
     }
     if (r != WR_FRAME_DONE) return;
-    d->epoch = b->epoch;
+    d->epoch = c->epoch;
+    d->qi = (size_t)(c - b->chans);
+    d->queue = c->queue->name;
     b->ev.delivery(b->ud, d);
 }
 
@@ -323,46 +372,46 @@ static void wire_frame(void *ud, const amqp_frame_t *f) {
                     "publishes)");
         return;
     }
-    if (f->channel != CHANNEL) {
+    chan *c = f->channel <= b->nchans ? &b->chans[f->channel - 1] : NULL;
+    if (!c || c->phase == C_CLOSED) {
         violation(b, "a frame on channel %u, which is not open", f->channel);
         return;
     }
     if (f->frame_type != AMQP_FRAME_METHOD || f->payload.method.id == AMQP_BASIC_DELIVER_METHOD ||
-        b->assembler.cur) {
-        delivered(b, f);
+        c->assembler.cur) {
+        delivered(b, c, f);
         return;
     }
     amqp_method_number_t id = f->payload.method.id;
     switch (id) {
     case AMQP_CHANNEL_CLOSE_METHOD:
-        channel_closed(b, f->payload.method.decoded);
+        channel_closed(b, c, f->payload.method.decoded);
         return;
     case AMQP_BASIC_CANCEL_METHOD: {
         const amqp_basic_cancel_t *m = f->payload.method.decoded;
-        if (m->consumer_tag.len != strlen(b->consumer_tag) ||
-            memcmp(m->consumer_tag.bytes, b->consumer_tag, m->consumer_tag.len) ||
-            (b->phase != B_CONSUMING && b->phase != B_CANCELLING)) {
+        if (!our_tag(c, m->consumer_tag) || (c->phase != C_CONSUMING && c->phase != C_CANCELLING)) {
             violation(b, "basic.cancel for a consumer that is not ours");
             return;
         }
         if (!m->nowait) {
             amqp_basic_cancel_ok_t ok = {m->consumer_tag};
-            method(b, AMQP_BASIC_CANCEL_OK_METHOD, &ok);
+            method(b, c, AMQP_BASIC_CANCEL_OK_METHOD, &ok);
         }
-        bool ours = b->phase == B_CANCELLING;
-        b->phase = B_IDLE;
-        if (!ours) b->ev.cancelled(b->ud);
+        bool ours = c->phase == C_CANCELLING;
+        c->phase = C_IDLE;
+        if (!ours) b->ev.cancelled(b->ud, (size_t)(c - b->chans));
         return;
     }
     default:
-        step(b, id, f->payload.method.decoded);
+        step(b, c, id, f->payload.method.decoded);
     }
 }
 
-/* Sends the acks of this loop turn (wr_ledger_flush says how). One write
- * instead of one per message is most of the cost of a fast job. */
-static void flush_acks(wr_broker *b) {
-    size_t n = wr_ledger_collected(&b->ledger);
+/* Sends the acks of this loop turn on one channel (wr_ledger_flush says
+ * how). One write instead of one per message is most of the cost of a fast
+ * job. */
+static void flush_acks(wr_broker *b, chan *c) {
+    size_t n = wr_ledger_collected(&c->ledger);
     if (n == 0) return;
     if (n > b->singles_cap) {
         uint64_t *grown = realloc(b->singles, n * sizeof *grown);
@@ -376,26 +425,33 @@ static void flush_acks(wr_broker *b) {
     }
     uint64_t multiple;
     size_t nsingles;
-    wr_ledger_flush(&b->ledger, &multiple, b->singles, &nsingles);
+    wr_ledger_flush(&c->ledger, &multiple, b->singles, &nsingles);
     for (size_t i = 0; i < nsingles; i++) {
         amqp_basic_ack_t m = {b->singles[i], 0};
-        method(b, AMQP_BASIC_ACK_METHOD, &m);
+        method(b, c, AMQP_BASIC_ACK_METHOD, &m);
     }
     if (multiple) {
         amqp_basic_ack_t m = {multiple, 1};
-        method(b, AMQP_BASIC_ACK_METHOD, &m);
+        method(b, c, AMQP_BASIC_ACK_METHOD, &m);
     }
+}
+
+static void flush_all(wr_broker *b) {
+    for (size_t i = 0; i < b->nchans && b->phase == B_OPEN; i++)
+        flush_acks(b, &b->chans[i]);
 }
 
 static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents) {
     (void)revents;
     ev_prepare_stop(loop, w);
-    flush_acks(w->data);
+    flush_all(w->data);
 }
 
 int wr_broker_settle(wr_broker *b, wr_delivery *d, wr_settle how) {
-    if (!wr_broker_connected(b) || d->epoch != b->epoch) return -1;
-    if (wr_ledger_settle(&b->ledger, d->tag, how == WR_SETTLE_ACK)) return -1;
+    if (!wr_broker_connected(b) || d->qi >= b->nchans) return -1;
+    chan *c = &b->chans[d->qi];
+    if (c->phase == C_CLOSED || d->epoch != c->epoch) return -1;
+    if (wr_ledger_settle(&c->ledger, d->tag, how == WR_SETTLE_ACK)) return -1;
     if (how == WR_SETTLE_ACK) {
         ev_prepare_start(b->loop, &b->flush);
         return 0;
@@ -403,32 +459,31 @@ int wr_broker_settle(wr_broker *b, wr_delivery *d, wr_settle how) {
     int rc;
     if (how == WR_SETTLE_REQUEUE) {
         amqp_basic_nack_t m = {d->tag, 0, 1};
-        rc = method(b, AMQP_BASIC_NACK_METHOD, &m);
+        rc = method(b, c, AMQP_BASIC_NACK_METHOD, &m);
     } else {
         amqp_basic_reject_t m = {d->tag, 0};
-        rc = method(b, AMQP_BASIC_REJECT_METHOD, &m);
+        rc = method(b, c, AMQP_BASIC_REJECT_METHOD, &m);
     }
     return rc;
 }
 
 void wr_broker_release(wr_broker *b, wr_delivery *d) {
-    wr_delivery_release(&b->assembler, d);
+    wr_delivery_release(&b->chans[d->qi].assembler, d);
 }
 
-int wr_broker_cancel(wr_broker *b) {
-    if (b->phase != B_CONSUMING) return -1;
-    amqp_basic_cancel_t m = {amqp_cstring_bytes(b->consumer_tag), 0};
-    if (method(b, AMQP_BASIC_CANCEL_METHOD, &m)) return -1;
-    b->phase = B_CANCELLING;
+int wr_broker_cancel(wr_broker *b, size_t q) {
+    chan *c = &b->chans[q];
+    if (b->phase != B_OPEN || c->phase != C_CONSUMING) return -1;
+    amqp_basic_cancel_t m = {amqp_cstring_bytes(c->consumer_tag), 0};
+    if (method(b, c, AMQP_BASIC_CANCEL_METHOD, &m)) return -1;
+    c->phase = C_CANCELLING;
     return 0;
 }
 
 int wr_broker_close(wr_broker *b, double timeout) {
     if (!wr_broker_connected(b)) return -1;
-    flush_acks(b);
-    amqp_channel_close_t m = {.reply_code = AMQP_REPLY_SUCCESS,
-                              .reply_text = amqp_cstring_bytes("shutting down")};
-    method(b, AMQP_CHANNEL_CLOSE_METHOD, &m);
+    flush_all(b);
+    /* connection.close closes every channel with it. */
     b->phase = B_CLOSING;
     if (wr_wire_close(b->wire, timeout)) {
         b->phase = B_DOWN;
@@ -439,10 +494,10 @@ int wr_broker_close(wr_broker *b, double timeout) {
 }
 
 void wr_broker_abort(wr_broker *b) {
-    if (wr_broker_connected(b)) flush_acks(b);
+    flush_all(b);
     wr_wire_abort(b->wire);
     wr_publisher_abort(b->publisher);
-    end_channel(b);
+    end_channels(b);
     b->phase = B_DOWN;
     b->attempt = false;
 }
@@ -457,8 +512,11 @@ void wr_broker_free(wr_broker *b) {
     if (b->wire) wr_broker_abort(b);
     wr_wire_free(b->wire);
     wr_publisher_free(b->publisher);
-    wr_assembler_free(&b->assembler);
-    wr_ledger_free(&b->ledger);
+    for (size_t i = 0; i < b->nchans; i++) {
+        wr_assembler_free(&b->chans[i].assembler);
+        wr_ledger_free(&b->chans[i].ledger);
+    }
+    free(b->chans);
     free(b->singles);
     free(b);
 }

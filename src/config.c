@@ -20,13 +20,15 @@ const char wr_usage[] =
     "  -u, --url URL              broker, amqp:// or amqps://; repeat or separate with commas\n"
     "                             to list cluster nodes (default "
     "amqp://guest:guest@localhost:5672/)\n"
-    "  -q, --queue NAME           queue to consume (required)\n"
-    "  -p, --prefetch N           most jobs in flight at once (default 1)\n"
+    "  -q, --queue NAME[:N]       queue to consume (required), with at most N of its jobs in\n"
+    "                             flight; repeat or separate with commas for several queues\n"
+    "  -p, --prefetch N           most jobs in flight at once per queue without its own N\n"
+    "                             (default 1)\n"
     "  -t, --drain-timeout SECS   time in-flight jobs get after the first signal (default 5)\n"
     "      --heartbeat SECS       AMQP heartbeat in whole seconds, 0 disables (default 10)\n"
     "      --connect-timeout SECS keep trying to reach the broker at start-up (default 30,\n"
     "                             0 = forever)\n"
-    "      --declare              declare the queue (durable) if it is missing\n"
+    "      --declare              declare the queues (durable) if they are missing\n"
     "      --on-error POLICY      what a failed job's message becomes: retry (a delayed copy,\n"
     "                             1 s, 5 s, 30 s, 2 min, then 10 min), requeue or reject\n"
     "                             (default retry)\n"
@@ -37,8 +39,8 @@ const char wr_usage[] =
     "                             allocation past it fails its job (default 0 = no limit)\n"
     "      --no-watch             do not reload the script when its files change\n"
     "      --max-jobs N           start at most N jobs, then drain and exit 0\n"
-    "      --until-empty          drain and exit 0 once the queue is empty and nothing is in\n"
-    "                             flight\n"
+    "      --until-empty          drain and exit 0 once every queue is empty and nothing is\n"
+    "                             in flight\n"
     "      --report FILE          append one JSON line per job that ended to FILE (- for\n"
     "                             standard output)\n"
     "      --virtual-time         try: sleeps end at once, advancing a virtual clock that\n"
@@ -135,6 +137,45 @@ static int add_urls(wr_config *c, const char *list, char *err, size_t errlen) {
     }
 }
 
+/* Splits a comma-separated list of NAME[:PREFETCH] onto c->queues. A
+ * suffix of a colon and digits is the prefetch; 0 until --prefetch fills it
+ * in (see wr_config_parse). */
+static int add_queues(wr_config *c, const char *list, const char *from, char *err, size_t errlen) {
+    const char *p = list;
+    for (;;) {
+        size_t n = strcspn(p, ",");
+        size_t digits = 0; /* after the last colon */
+        while (digits < n && isdigit((unsigned char)p[n - 1 - digits]))
+            digits++;
+        int prefetch = 0;
+        size_t name_len = n;
+        if (digits > 0 && digits < n && p[n - 1 - digits] == ':') {
+            char num[8];
+            snprintf(num, sizeof num, "%.*s", (int)(digits < 7 ? digits : 7), p + n - digits);
+            if (digits > 6 || parse_int(num, 1, 65535, &prefetch))
+                return fail(err, errlen,
+                            "%s: '%.*s': the prefetch after ':' must be from 1 to 65535", from,
+                            (int)n, p);
+            name_len = n - digits - 1;
+        }
+        if (name_len == 0)
+            return fail(err, errlen, "%s: a queue name is empty in '%s'", from, list);
+        if (name_len > 255)
+            return fail(err, errlen, "%s: a queue name is longer than 255 bytes", from);
+        for (size_t i = 0; i < c->nqueues; i++)
+            if (strlen(c->queues[i].name) == name_len && !memcmp(c->queues[i].name, p, name_len))
+                return fail(err, errlen, "%s: queue '%.*s' given twice", from, (int)name_len, p);
+        wr_queue_conf *grown = realloc(c->queues, (c->nqueues + 1) * sizeof *grown);
+        if (!grown) return fail(err, errlen, "out of memory");
+        c->queues = grown;
+        if (!(c->queues[c->nqueues].name = strndup(p, name_len)))
+            return fail(err, errlen, "out of memory");
+        c->queues[c->nqueues++].prefetch = prefetch;
+        if (p[n] == '\0') return 0;
+        p += n + 1;
+    }
+}
+
 enum opt_id {
     OPT_URL,
     OPT_QUEUE,
@@ -221,9 +262,7 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
     case OPT_URL:
         return add_urls(c, v, err, errlen);
     case OPT_QUEUE:
-        if (!*v) return fail(err, errlen, "%s: the queue name is empty", from);
-        c->queue = v;
-        return 0;
+        return add_queues(c, v, from, err, errlen);
     case OPT_PREFETCH:
         if (parse_int(v, 1, 65535, &c->prefetch))
             return fail(err, errlen, "%s: expected a whole number from 1 to 65535, got '%s'", from,
@@ -357,8 +396,12 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
     int npos = 0, rc = -1;
     bool only_positional = false;
     char **urlflags = calloc((size_t)argc + 1, sizeof *urlflags);
-    int nurlflags = 0;
-    if (!urlflags) goto out;
+    char **queueflags = calloc((size_t)argc + 1, sizeof *queueflags);
+    int nurlflags = 0, nqueueflags = 0;
+    if (!urlflags || !queueflags) {
+        fail(err, errlen, "out of memory");
+        goto out;
+    }
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -413,14 +456,10 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
         } else {
             value = "1";
         }
-        if (id == OPT_QUEUE && flag[id] && strcmp(flag[id], value) != 0) {
-            /* Silently taking the last would leave the other queue without a worker. */
-            fail(err, errlen, "--queue given twice ('%s' and '%s'): a worker consumes one queue",
-                 flag[id], value);
-            goto out;
-        }
         if (id == OPT_URL)
             urlflags[nurlflags++] = (char *)value;
+        else if (id == OPT_QUEUE)
+            queueflags[nqueueflags++] = (char *)value;
         else
             flag[id] = value;
     }
@@ -435,6 +474,13 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
             } else if (env && *env) {
                 if (apply(c, OPT_URL, env, options[id].env, err, errlen)) goto out;
             }
+            continue;
+        }
+        if (id == OPT_QUEUE) { /* every -q, else the variable's list */
+            for (int k = 0; k < nqueueflags; k++)
+                if (apply(c, OPT_QUEUE, queueflags[k], "--queue", err, errlen)) goto out;
+            if (nqueueflags == 0 && env && apply(c, OPT_QUEUE, env, options[id].env, err, errlen))
+                goto out;
             continue;
         }
         if (flag[id]) {
@@ -477,14 +523,21 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
         fail(err, errlen, "give bodies or --message/--messages, not both");
         goto out;
     }
-    if (c->command == WR_CMD_RUN && !c->queue) {
+    if (c->command == WR_CMD_RUN && c->nqueues == 0) {
         fail(err, errlen, "missing --queue NAME (or WARREN_QUEUE)");
         goto out;
     }
+    if (c->command == WR_CMD_TRY && c->nqueues > 1) {
+        fail(err, errlen, "warren try runs its messages as from one queue: give one --queue");
+        goto out;
+    }
+    for (size_t i = 0; i < c->nqueues; i++)
+        if (!c->queues[i].prefetch) c->queues[i].prefetch = c->prefetch;
     rc = 0;
 out:
     c->positional = positional;
     free(urlflags);
+    free(queueflags);
     return rc;
 }
 
@@ -492,6 +545,9 @@ void wr_config_free(wr_config *c) {
     for (size_t i = 0; i < c->nurls; i++)
         free(c->urls[i]);
     free(c->urls);
+    for (size_t i = 0; i < c->nqueues; i++)
+        free(c->queues[i].name);
+    free(c->queues);
     free(c->positional);
     memset(c, 0, sizeof *c);
 }

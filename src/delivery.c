@@ -191,8 +191,8 @@ const amqp_field_value_t *wr_delivery_header(const wr_delivery *d, const char *n
     return NULL;
 }
 
-wr_log_job wr_delivery_log_fields(const wr_delivery *d, const char *queue, unsigned version) {
-    return (wr_log_job){.queue = queue,
+wr_log_job wr_delivery_log_fields(const wr_delivery *d, unsigned version) {
+    return (wr_log_job){.queue = d->queue,
                         .id = d->props.message_id.bytes,
                         .idlen = d->props.message_id.len,
                         .tag = (unsigned long long)d->tag,

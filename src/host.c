@@ -25,6 +25,12 @@
 
 typedef enum { CONNECTING, RUNNING, DRAINING, CLOSING, STOPPED } host_state;
 
+/* What the host knows of one queue; its messages held now are its
+ * stats' in_flight. */
+typedef struct hqueue {
+    bool consuming; /* false after a broker-initiated cancel, and while quiet */
+} hqueue;
+
 typedef struct host {
     const wr_config *cfg;
     struct ev_loop *loop;
@@ -34,7 +40,9 @@ typedef struct host {
     wr_reloader *reloader; /* the current version; jobs pin their own */
     wr_ctx ctx;            /* what the scripts may use */
     wr_notify *notify;     /* the service manager */
-    char status[160];      /* the STATUS= it was last sent */
+    hqueue *queues;        /* one per queue of cfg */
+    char *names;           /* "'a', 'b'": the queues, for the log and STATUS= */
+    char status[512];      /* the STATUS= it was last sent */
     ev_timer status_timer; /* sends a changed STATUS= once a second */
     wr_stats stats;        /* what /metrics serves */
     wr_metrics *metrics;   /* --metrics, or NULL */
@@ -43,12 +51,12 @@ typedef struct host {
     host_state state;
     int exit_code;
     bool ever_connected;
-    bool consuming;        /* false after a broker-initiated cancel, and while quiet */
     bool quiet;            /* SIGUSR1: no new work until SIGUSR2 */
     unsigned interrupted;  /* jobs cut off by the forced stage or a lost connection */
     unsigned long done;    /* jobs ended, whatever their outcome */
     unsigned long started; /* jobs started, for --max-jobs */
-    bool depth_asked;      /* --until-empty: a depth question is out */
+    size_t depth_asked;    /* --until-empty: queues whose depth question is out */
+    bool depth_left;       /* a queue answered that messages are left */
     ev_timer empty_timer;  /* --until-empty: asks again when messages were left */
     bool forcing;          /* the count hook began the forced stage (see urgent) */
     unsigned forced_from;  /* interrupted when it did */
@@ -63,9 +71,27 @@ typedef struct host {
 } host;
 
 /* Messages not settled yet: running jobs, and failed ones whose retry copy
- * awaits its confirm. Both hold delivery tags of the channel. */
+ * awaits its confirm. Both hold delivery tags of their queue's channel. */
 static size_t in_flight(const host *h) {
     return wr_sched_running(h->sched) + wr_retrier_pending(h->retrier);
+}
+
+/* The messages of queue q not settled yet. */
+static size_t held(const host *h, size_t q) {
+    return h->stats.queues[q].in_flight;
+}
+
+/* Whether every queue is being consumed. */
+static bool all_consuming(const host *h) {
+    for (size_t q = 0; q < h->cfg->nqueues; q++)
+        if (!h->queues[q].consuming) return false;
+    return true;
+}
+
+/* A message of a job is settled (or handed back): the host lets go of it. */
+static void let_go(host *h, wr_delivery *d) {
+    h->stats.queues[d->qi].in_flight--;
+    wr_broker_release(h->broker, d);
 }
 
 /* Tells the service manager the state, when it changed: "consuming 'q': 2
@@ -76,7 +102,10 @@ static const char *state_name(const host *h) {
     case CONNECTING:
         return h->ever_connected ? "reconnecting" : "connecting";
     case RUNNING:
-        return h->quiet ? "quiet" : h->consuming ? "consuming" : "waiting for the queue";
+        return h->quiet              ? "quiet"
+               : all_consuming(h)    ? "consuming"
+               : h->cfg->nqueues > 1 ? "waiting for a queue"
+                                     : "waiting for the queue";
     case DRAINING:
         return "draining";
     default:
@@ -88,8 +117,8 @@ static void send_status(host *h, const char *extra) {
     if (!wr_notify_enabled(h->notify)) return;
     char now[sizeof h->status];
     size_t n = in_flight(h);
-    snprintf(now, sizeof now, "%s '%s': %zu job%s in flight, %lu done", state_name(h),
-             h->cfg->queue, n, wr_plural(n), h->done);
+    snprintf(now, sizeof now, "%s %s: %zu job%s in flight, %lu done", state_name(h), h->names, n,
+             wr_plural(n), h->done);
     if (!extra && strcmp(now, h->status) == 0) return;
     memcpy(h->status, now, sizeof now);
     wr_notify_send(h->notify, "%s%sSTATUS=%s", extra ? extra : "", extra ? "\n" : "", now);
@@ -146,34 +175,59 @@ static void try_connect(host *h) {
 /* While quiet, a consumer that came back (a reconnect, a resume that met a
  * second SIGUSR1) is cancelled again at once. */
 static void stay_quiet(host *h) {
-    if (!h->quiet || !h->consuming) return;
-    wr_broker_cancel(h->broker);
-    h->consuming = false;
+    if (!h->quiet) return;
+    for (size_t q = 0; q < h->cfg->nqueues; q++) {
+        if (!h->queues[q].consuming) continue;
+        wr_broker_cancel(h->broker, q);
+        h->queues[q].consuming = false;
+    }
 }
 
-static void on_consuming(void *ud) {
+/* The first "consuming" line: each queue with its prefetch. */
+static void log_consuming(host *h) {
+    const wr_config *c = h->cfg;
+    unsigned version = wr_reloader_current(h->reloader)->version;
+    if (c->nqueues == 1) {
+        wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", c->queues[0].name,
+                wr_broker_where(h->broker), c->queues[0].prefetch, c->script, version);
+        return;
+    }
+    char list[1024];
+    size_t n = 0;
+    for (size_t q = 0; q < c->nqueues && n < sizeof list; q++)
+        n += (size_t)snprintf(list + n, sizeof list - n, "%s'%s' (prefetch %d)", q ? ", " : "",
+                              c->queues[q].name, c->queues[q].prefetch);
+    wr_info("consuming %s from %s, script %s version %u", list, wr_broker_where(h->broker),
+            c->script, version);
+}
+
+static void on_consuming(void *ud, size_t q) {
     host *h = ud;
-    if (h->state == RUNNING) {
-        wr_info("consuming '%s' again", h->cfg->queue);
-        h->consuming = true;
+    if (q != WR_ALL_QUEUES) { /* a re-consume after a cancel */
+        if (h->state != RUNNING || h->quiet) {
+            /* Stopping or quiet since it was asked for: not wanted any more. */
+            wr_broker_cancel(h->broker, q);
+            return;
+        }
+        wr_info("consuming '%s' again", h->cfg->queues[q].name);
+        h->queues[q].consuming = true;
         h->backoff = BACKOFF_MIN;
-        stay_quiet(h);
         send_status(h, NULL);
+        check_empty(h);
         return;
     }
     if (h->ever_connected)
-        wr_info("reconnected to %s after %u attempt%s (%.1f s); consuming '%s' again",
+        wr_info("reconnected to %s after %u attempt%s (%.1f s); consuming %s again",
                 wr_broker_where(h->broker), h->attempts + 1, wr_plural(h->attempts + 1),
-                ev_now(h->loop) - h->outage_since, h->cfg->queue);
+                ev_now(h->loop) - h->outage_since, h->names);
     else
-        wr_info("consuming '%s' from %s, prefetch %d, script %s version %u", h->cfg->queue,
-                wr_broker_where(h->broker), h->cfg->prefetch, h->cfg->script,
-                wr_reloader_current(h->reloader)->version);
+        log_consuming(h);
     bool first = !h->ever_connected;
-    h->depth_asked = false; /* a new channel: an old question is gone */
+    h->depth_asked = 0; /* new channels: an old question is gone */
     if (!first) h->stats.reconnects++;
     h->ever_connected = true;
-    h->consuming = true;
+    for (size_t i = 0; i < h->cfg->nqueues; i++)
+        h->queues[i].consuming = true;
     h->state = RUNNING;
     h->attempts = 0;
     h->backoff = BACKOFF_MIN;
@@ -182,12 +236,12 @@ static void on_consuming(void *ud) {
     check_empty(h);
 }
 
-static void on_failed(void *ud, wr_broker_status st, const char *err) {
+static void on_failed(void *ud, size_t q, wr_broker_status st, const char *err) {
     host *h = ud;
-    if (h->state == RUNNING) {
+    if (q != WR_ALL_QUEUES) {
         /* A re-consume after a cancel: the queue is not back yet. */
-        wr_debug("re-consuming: %s", err);
-        schedule_retry(h);
+        wr_debug("re-consuming '%s': %s", h->cfg->queues[q].name, err);
+        if (h->state == RUNNING && !h->quiet) schedule_retry(h);
         return;
     }
     if (h->state != CONNECTING) return;
@@ -225,10 +279,16 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
         try_connect(h);
         return;
     }
-    if (h->state != RUNNING || h->consuming || h->quiet) return;
-    /* Jobs still running hold tags of this channel; a failed re-consume
-     * closes it. Let them finish first, as a cancel promises. */
-    if (in_flight(h) > 0 || wr_broker_consume(h->broker)) {
+    if (h->state != RUNNING || h->quiet) return;
+    bool waiting = false;
+    for (size_t q = 0; q < h->cfg->nqueues; q++) {
+        if (h->queues[q].consuming) continue;
+        /* Jobs still running hold tags of the queue's channel; a failed
+         * re-consume closes it. Let them finish first, as a cancel promises.
+         * A consume already asked for fails here too, and answers later. */
+        if (held(h, q) > 0 || wr_broker_consume(h->broker, q)) waiting = true;
+    }
+    if (waiting) {
         ev_timer_set(&h->retry_timer, BACKOFF_MIN, 0);
         ev_timer_start(loop, &h->retry_timer);
     }
@@ -237,11 +297,13 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents) {
 static void on_delivery(void *ud, wr_delivery *d) {
     host *h = ud;
     char err[256];
-    h->stats.deliveries[d->redelivered ? 1 : 0]++;
+    wr_queue_stats *qs = &h->stats.queues[d->qi];
+    qs->deliveries[d->redelivered ? 1 : 0]++;
     int rc = h->state == RUNNING && !h->quiet
                  ? wr_job_start(h->sched, wr_reloader_current(h->reloader), d, err, sizeof err)
                  : -1;
     if (rc == 0) {
+        qs->in_flight++;
         if (h->cfg->max_jobs > 0 && ++h->started >= (unsigned long)h->cfg->max_jobs &&
             h->state == RUNNING) {
             char what[64];
@@ -267,14 +329,14 @@ static void on_delivery(void *ud, wr_delivery *d) {
     wr_broker_release(h->broker, d);
 }
 
-static void on_cancelled(void *ud) {
+static void on_cancelled(void *ud, size_t q) {
     host *h = ud;
+    h->queues[q].consuming = false;
     if (h->state != RUNNING) return;
-    h->consuming = false;
-    size_t n = wr_sched_running(h->sched);
-    wr_warn("the broker cancelled the consumer of '%s' (queue deleted?); %zu job%s in flight "
-            "finish%s, consuming again when the queue is back",
-            h->cfg->queue, n, wr_plural(n), n == 1 ? "es" : "");
+    size_t n = held(h, q);
+    wr_warn("the broker cancelled the consumer of '%s' (queue deleted?); %zu of its job%s in "
+            "flight finish%s, consuming it again when the queue is back",
+            h->cfg->queues[q].name, n, wr_plural(n), n == 1 ? "es" : "");
     h->backoff = BACKOFF_MIN;
     schedule_retry(h);
 }
@@ -287,6 +349,8 @@ static void on_lost(void *ud, const char *why) {
     wr_sched_interrupt_all(h->sched);
     wr_retrier_abandon(h->retrier);
     wr_broker_abort(h->broker);
+    for (size_t q = 0; q < h->cfg->nqueues; q++)
+        h->queues[q].consuming = false;
     if (h->state == DRAINING || h->state == CLOSING) {
         /* Whether the acks sent so far were processed cannot be known. */
         stop(h, WR_EXIT_TEMPFAIL);
@@ -318,17 +382,19 @@ static const char *outcome_name(wr_outcome o) {
 /* Logs a record of the job on d, of the given version (0: not known). */
 #define LOG_JOB(level, d, version, ...)                                                            \
     do {                                                                                           \
-        wr_log_job f_ = wr_delivery_log_fields(d, h->cfg->queue, version);                         \
+        wr_log_job f_ = wr_delivery_log_fields(d, version);                                        \
         wr_log_for(level, &f_, __VA_ARGS__);                                                       \
     } while (0)
 
-/* --until-empty: once nothing is in flight, asks whether the queue is
+/* --until-empty: once nothing is in flight, asks whether every queue is
  * empty too (see on_depth). */
 static void check_empty(host *h) {
-    if (!h->cfg->until_empty || h->state != RUNNING || h->quiet || !h->consuming ||
+    if (!h->cfg->until_empty || h->state != RUNNING || h->quiet || !all_consuming(h) ||
         h->depth_asked || in_flight(h) > 0)
         return;
-    h->depth_asked = wr_broker_ask_depth(h->broker) == 0;
+    h->depth_left = false;
+    for (size_t q = 0; q < h->cfg->nqueues; q++)
+        if (wr_broker_ask_depth(h->broker, q) == 0) h->depth_asked++;
 }
 
 static void empty_cb(struct ev_loop *loop, ev_timer *w, int revents) {
@@ -336,16 +402,22 @@ static void empty_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     check_empty(w->data);
 }
 
-/* The broker's answer: empty, with nothing in flight, ends the run; any
- * delivery sent before the answer has arrived before it. Messages left
- * that do not come (taken by another consumer) are asked about again. */
-static void on_depth(void *ud, uint32_t ready) {
+/* The broker's answers: every queue empty, with nothing in flight, ends
+ * the run; any delivery sent before an answer has arrived before it.
+ * Messages left that do not come (taken by another consumer) are asked
+ * about again. */
+static void on_depth(void *ud, size_t q, uint32_t ready) {
     host *h = ud;
-    h->depth_asked = false;
-    if (h->state != RUNNING || h->quiet || !h->consuming || in_flight(h) > 0) return;
-    if (ready == 0) {
-        char what[300];
-        snprintf(what, sizeof what, "queue '%s' is empty (--until-empty)", h->cfg->queue);
+    (void)q;
+    if (h->depth_asked > 0) h->depth_asked--;
+    if (ready > 0) h->depth_left = true;
+    if (h->depth_asked > 0) return;
+    if (h->state != RUNNING || h->quiet || !all_consuming(h) || in_flight(h) > 0) return;
+    if (!h->depth_left) {
+        char what[2048];
+        snprintf(what, sizeof what, "%s %s %s empty (--until-empty)",
+                 h->cfg->nqueues > 1 ? "queues" : "queue", h->names,
+                 h->cfg->nqueues > 1 ? "are" : "is");
         drain(h, what);
         return;
     }
@@ -396,7 +468,7 @@ static void on_retried(void *ud, wr_delivery *d, const char *err) {
     host *h = ud;
     if (err) LOG_JOB(WR_LOG_WARN, d, 0, "retry copy not confirmed (%s); handing it back", err);
     wr_broker_settle(h->broker, d, err ? WR_SETTLE_REQUEUE : WR_SETTLE_ACK);
-    wr_broker_release(h->broker, d);
+    let_go(h, d);
     maybe_drained(h);
 }
 
@@ -410,13 +482,14 @@ static void count_job(host *h, const wr_job *job, wr_outcome outcome, int how) {
                          : how < 0                       ? WR_STAT_RETRY
                          : how == WR_SETTLE_REJECT       ? WR_STAT_REJECT
                                                          : WR_STAT_REQUEUE;
-    h->stats.jobs[so]++;
-    if (outcome == WR_OUT_FAILED) h->stats.job_errors++;
-    double took = wr_clock() - wr_job_started(job);
-    wr_hist_observe(&h->stats.job_duration, took);
-    if (!h->report) return;
     const wr_delivery *d = wr_job_delivery(job);
-    wr_report_line l = {.queue = h->cfg->queue,
+    wr_queue_stats *qs = &h->stats.queues[d->qi];
+    qs->jobs[so]++;
+    if (outcome == WR_OUT_FAILED) qs->job_errors++;
+    double took = wr_clock() - wr_job_started(job);
+    wr_hist_observe(&qs->job_duration, took);
+    if (!h->report) return;
+    wr_report_line l = {.queue = d->queue,
                         .message_id = d->props.message_id.bytes,
                         .id_len = d->props.message_id.len,
                         .delivery_tag = (unsigned long long)d->tag,
@@ -447,7 +520,7 @@ static void on_job_done(void *ud, wr_job *job, wr_outcome outcome) {
                 outcome_name(outcome), wr_job_version(job),
                 settled ? "" : " (not settled: its connection is gone, the broker redelivers it)",
                 wr_sched_running(h->sched));
-    wr_broker_release(h->broker, d);
+    let_go(h, d);
     maybe_drained(h);
 }
 
@@ -518,7 +591,10 @@ static void drain(host *h, const char *what) {
              (unsigned long long)((h->cfg->drain_timeout + CLOSE_TIMEOUT + 1) * 1e6));
     send_status(h, extend);
     ev_timer_stop(h->loop, &h->retry_timer);
-    if (h->consuming) wr_broker_cancel(h->broker);
+    for (size_t q = 0; q < h->cfg->nqueues; q++) {
+        if (h->queues[q].consuming) wr_broker_cancel(h->broker, q);
+        h->queues[q].consuming = false;
+    }
     if (n == 0) {
         wr_info("%s, nothing in flight; exiting", what);
         ev_timer_start(h->loop, &h->stop_timer);
@@ -581,8 +657,8 @@ static void resume_cb(struct ev_loop *loop, ev_signal *w, int revents) {
     host *h = w->data;
     if (!h->quiet || h->state == DRAINING || h->state == CLOSING || h->state == STOPPED) return;
     h->quiet = false;
-    wr_info("received SIGUSR2: consuming '%s' again", h->cfg->queue);
-    if (h->state == RUNNING && !h->consuming) {
+    wr_info("received SIGUSR2: consuming %s again", h->names);
+    if (h->state == RUNNING && !all_consuming(h)) {
         h->backoff = BACKOFF_MIN;
         schedule_retry(h);
     }
@@ -626,9 +702,7 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents) {
 
 static char *serve_metrics(void *ud, size_t *len) {
     host *h = ud;
-    wr_gauges g = {.queue = h->cfg->queue,
-                   .in_flight = in_flight(h),
-                   .connected = wr_broker_connected(h->broker),
+    wr_gauges g = {.connected = wr_broker_connected(h->broker),
                    .quiet = h->quiet,
                    .script_version = wr_reloader_current(h->reloader)->version,
                    .start_time = h->start_time};
@@ -639,14 +713,43 @@ static char *serve_metrics(void *ud, size_t *len) {
 static bool serve_health(void *ud, char *json, size_t len) {
     host *h = ud;
     bool connected = wr_broker_connected(h->broker);
-    bool ok =
-        connected && (h->state == DRAINING || (h->state == RUNNING && (h->consuming || h->quiet)));
+    bool ok = connected &&
+              (h->state == DRAINING || (h->state == RUNNING && (all_consuming(h) || h->quiet)));
     snprintf(json, len,
              "{\"status\":\"%s\",\"state\":\"%s\",\"connected\":%s,\"in_flight\":%zu,"
              "\"done\":%lu,\"version\":%u}",
              ok ? "ok" : "unavailable", state_name(h), connected ? "true" : "false", in_flight(h),
              h->done, wr_reloader_current(h->reloader)->version);
     return ok;
+}
+
+/* The queues' state, names and counters. Returns 0, or -1 when out of memory. */
+static int know_queues(host *h) {
+    const wr_config *c = h->cfg;
+    const char **names = calloc(c->nqueues, sizeof *names);
+    size_t len = 1;
+    for (size_t q = 0; q < c->nqueues; q++)
+        len += strlen(c->queues[q].name) + 4;
+    h->queues = calloc(c->nqueues, sizeof *h->queues);
+    h->names = malloc(len);
+    if (!names || !h->queues || !h->names) {
+        free(names);
+        return -1;
+    }
+    size_t n = 0;
+    for (size_t q = 0; q < c->nqueues; q++) {
+        names[q] = c->queues[q].name;
+        n += (size_t)snprintf(h->names + n, len - n, "%s'%s'", q ? ", " : "", names[q]);
+    }
+    int rc = wr_stats_init(&h->stats, names, c->nqueues);
+    free(names);
+    return rc;
+}
+
+static void forget_queues(host *h) {
+    wr_stats_free(&h->stats);
+    free(h->queues);
+    free(h->names);
 }
 
 /* Frees what wr_host_run made before the loop could run. */
@@ -658,7 +761,8 @@ static int give_up(host *h, int code) {
     wr_retrier_free(h->retrier);
     if (h->broker) wr_broker_free(h->broker);
     wr_sched_free(h->sched);
-    ev_loop_destroy(h->loop);
+    if (h->loop) ev_loop_destroy(h->loop);
+    forget_queues(h);
     return code;
 }
 
@@ -666,22 +770,23 @@ int wr_host_run(const wr_config *cfg) {
     host hs = {0}, *h = &hs;
     char err[WR_LOAD_ERROR_MAX];
     h->cfg = cfg;
-    wr_stats_init(&h->stats);
+    if (know_queues(h)) {
+        wr_error("out of memory");
+        return give_up(h, WR_EXIT_UNAVAILABLE);
+    }
     h->start_time = ev_time();
     /* Not the default loop: libev's default loop reaps every child on
      * SIGCHLD, which would take io.popen's and os.execute's exit status. */
     h->loop = ev_loop_new(EVFLAG_AUTO);
     if (!h->loop) {
         wr_error("cannot initialise the event loop");
-        return WR_EXIT_UNAVAILABLE;
+        return give_up(h, WR_EXIT_UNAVAILABLE);
     }
     h->sched = wr_sched_new(h->loop, on_job_done, h);
     static const wr_broker_events events = {on_consuming, on_failed, on_delivery, on_cancelled,
                                             on_lost,      on_closed, on_depth};
     h->broker = h->sched ? wr_broker_new(h->loop, cfg, &events, h) : NULL;
-    h->retrier = h->broker
-                     ? wr_retrier_new(wr_broker_publisher(h->broker), cfg->queue, on_retried, h)
-                     : NULL;
+    h->retrier = h->broker ? wr_retrier_new(wr_broker_publisher(h->broker), on_retried, h) : NULL;
     if (!h->retrier) {
         wr_error("out of memory");
         return give_up(h, WR_EXIT_UNAVAILABLE);
@@ -786,5 +891,6 @@ int wr_host_run(const wr_config *cfg) {
     ev_signal_stop(h->loop, &h->sigquiet);
     ev_signal_stop(h->loop, &h->sigresume);
     ev_loop_destroy(h->loop);
+    forget_queues(h);
     return h->exit_code;
 }

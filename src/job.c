@@ -274,11 +274,20 @@ static int prepare(lua_State *L) {
     start_args *a = lua_touserdata(L, 1);
     luaL_checkstack(L, 4, "starting a job");
     lua_rawgeti(L, LUA_REGISTRYINDEX, a->vm->handle_ref);
+    if (a->vm->handle_by_queue) { /* the loader's own table: no metamethods */
+        const char *queue = a->d->queue;
+        if (!queue)
+            return luaL_error(L, "the script has a handler per queue: name the message's queue "
+                                 "(warren try --queue, or \"queue\" in a fixture)");
+        lua_getfield(L, -1, queue);
+        if (!lua_isfunction(L, -1))
+            return luaL_error(L, "the script has no handler for queue '%s'", queue);
+        lua_remove(L, -2);
+    }
     lua_pushlstring(L, a->d->body.bytes, a->d->body.len);
     wr_push_msg(L, a->d);
-    const wr_ctx *ctx = a->vm->ctx;
-    if (ctx->cfg && ctx->cfg->queue) { /* the queue it came from */
-        lua_pushstring(L, ctx->cfg->queue);
+    if (a->d->queue) { /* the queue it came from */
+        lua_pushstring(L, a->d->queue);
         lua_setfield(L, -2, "queue");
     }
     a->co = lua_newthread(L);
@@ -345,9 +354,7 @@ static void keep_error(wr_job *j, const char *detail) {
 
 /* Logs "job ID (tag N) WHAT: DETAIL". */
 static void log_failure(const wr_job *j, const char *what, const char *detail) {
-    const wr_ctx *ctx = j->vm->ctx;
-    wr_log_job f = wr_delivery_log_fields(j->delivery, ctx && ctx->cfg ? ctx->cfg->queue : NULL,
-                                          j->vm->version);
+    wr_log_job f = wr_delivery_log_fields(j->delivery, j->vm->version);
     wr_log_for(WR_LOG_ERROR, &f, "%s: %s", what, detail);
 }
 

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "warren/config.h"
 #include "warren/job.h"
 #include "warren/lua_api.h"
 
@@ -236,17 +237,56 @@ wr_load *wr_load_begin(const char *script, unsigned version, const wr_ctx *ctx, 
     return ld;
 }
 
+/* The queue find_handle found no handler for, or NULL. */
+static const char *unhandled;
+
 /* Protected: finds handle in the main chunk's result (argument 2), or else
- * as a global, and references it in the vm (argument 1). A returned table
- * or _G may have metamethods of the script's. */
+ * as a global, and references it in the vm (argument 1): a function for
+ * every queue, or a table of functions keyed by queue name. A table is
+ * copied into one of the loader's own (the script may change its table
+ * later, or give it metamethods); each queue of the configuration must
+ * have a function there, or unhandled names the first that has none. */
 static int find_handle(lua_State *L) {
     wr_vm *vm = lua_touserdata(L, 1);
+    unhandled = NULL;
     if (lua_istable(L, 2))
         lua_getfield(L, 2, "handle");
     else
         lua_getglobal(L, "handle");
-    if (!lua_isfunction(L, -1)) return 0;
+    if (lua_isfunction(L, -1)) {
+        vm->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        return 0;
+    }
+    if (!lua_istable(L, -1)) return 0;
+    int given = lua_gettop(L);
+    lua_newtable(L);
+    int own = given + 1;
+    bool any = false;
+    lua_pushnil(L);
+    while (lua_next(L, given)) {
+        if (lua_type(L, -2) == LUA_TSTRING && lua_isfunction(L, -1)) {
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, own);
+            any = true;
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    const struct wr_config *cfg = vm->ctx->cfg;
+    for (size_t i = 0; cfg && i < cfg->nqueues; i++) {
+        const char *name = cfg->queues[i].name;
+        lua_getfield(L, given, name); /* __index counts too */
+        if (!lua_isfunction(L, -1)) {
+            unhandled = name;
+            return 0;
+        }
+        lua_setfield(L, own, name);
+        any = true;
+    }
+    if (!any) return 0;
     vm->handle_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    vm->handle_by_queue = true;
     return 0;
 }
 
@@ -320,10 +360,17 @@ static wr_load_status conclude(wr_load *ld, int nres, char *err, size_t errlen) 
         lua_pushnil(L);
     }
     if (look(ld, find_handle, true, err, errlen) != 0) return WR_LOAD_FAILED;
+    if (unhandled) {
+        snprintf(err, errlen,
+                 "%s: no handler for queue '%.255s' (handle is a table of handlers: give it "
+                 "handle[\"%.255s\"] = function(body, msg) ... end)",
+                 ld->script, unhandled, unhandled);
+        return WR_LOAD_FAILED;
+    }
     if (ld->vm->handle_ref == LUA_NOREF) {
         snprintf(err, errlen,
-                 "%s: no handle(body, msg) function (define a global handle or "
-                 "return a table with one)",
+                 "%s: no handle(body, msg) function, nor a table of them by queue name "
+                 "(define a global handle or return a table with one)",
                  ld->script);
         return WR_LOAD_FAILED;
     }

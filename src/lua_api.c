@@ -58,8 +58,7 @@ static int log_at(lua_State *L, wr_log_level level) {
         return 0;
     }
     const wr_vm *vm = upvm(L);
-    wr_log_job f = wr_delivery_log_fields(wr_job_delivery(j),
-                                          vm->ctx->cfg ? vm->ctx->cfg->queue : NULL, vm->version);
+    wr_log_job f = wr_delivery_log_fields(wr_job_delivery(j), vm->version);
     f.script = 1;
     wr_log_for(level, &f, "%s", lua_tostring(L, -1));
     return 0;

@@ -355,10 +355,10 @@ static int l_retry(lua_State *L) {
         return 1;
     }
     long ms = lround(seconds * 1000);
-    const char *queue = lua_pushfstring(L, "%s.retry.%d", cfg->queue, (int)ms);
+    const char *queue = lua_pushfstring(L, "%s.retry.%d", d->queue, (int)ms);
     amqp_pool_t *pool = new_pool(L);
     wr_message m;
-    if (wr_retry_copy(&m, d, cfg->queue, queue, ms, retries, pool))
+    if (wr_retry_copy(&m, d, d->queue, queue, ms, retries, pool))
         return luaL_error(L, "not enough memory");
     return send_and_wait(L, j, pub, &m, pool, true);
 }

@@ -75,18 +75,16 @@ typedef struct pending {
 
 struct wr_retrier {
     wr_publisher *pub;
-    const char *queue;
     wr_retried_fn done;
     void *ud;
     pending *head;
     size_t npending;
 };
 
-wr_retrier *wr_retrier_new(wr_publisher *pub, const char *queue, wr_retried_fn done, void *ud) {
+wr_retrier *wr_retrier_new(wr_publisher *pub, wr_retried_fn done, void *ud) {
     wr_retrier *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     r->pub = pub;
-    r->queue = queue;
     r->done = done;
     r->ud = ud;
     return r;
@@ -148,7 +146,7 @@ int wr_retrier_send(wr_retrier *r, wr_delivery *d, long delay_ms, char *copy_id,
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    p->id = publish_copy(r->pub, r->queue, d, delay_ms, confirmed, p, copy_id, idlen, err, errlen);
+    p->id = publish_copy(r->pub, d->queue, d, delay_ms, confirmed, p, copy_id, idlen, err, errlen);
     if (!p->id) {
         free(p);
         return -1;

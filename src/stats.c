@@ -22,12 +22,27 @@ const char *wr_stat_outcome_name(wr_stat_outcome o) {
     return outcomes[o];
 }
 
-void wr_stats_init(wr_stats *s) {
+static void hist_init(wr_hist *h, const double *bounds, size_t n) {
+    h->bounds = bounds;
+    h->nbounds = (int)n;
+}
+
+int wr_stats_init(wr_stats *s, const char *const *names, size_t n) {
     memset(s, 0, sizeof *s);
-    s->job_duration.bounds = job_bounds;
-    s->job_duration.nbounds = (int)(sizeof job_bounds / sizeof job_bounds[0]);
-    s->loop_lag.bounds = lag_bounds;
-    s->loop_lag.nbounds = (int)(sizeof lag_bounds / sizeof lag_bounds[0]);
+    hist_init(&s->loop_lag, lag_bounds, sizeof lag_bounds / sizeof lag_bounds[0]);
+    if (n && !(s->queues = calloc(n, sizeof *s->queues))) return -1;
+    s->nqueues = n;
+    for (size_t i = 0; i < n; i++) {
+        s->queues[i].name = names[i];
+        hist_init(&s->queues[i].job_duration, job_bounds, sizeof job_bounds / sizeof job_bounds[0]);
+    }
+    return 0;
+}
+
+void wr_stats_free(wr_stats *s) {
+    free(s->queues);
+    s->queues = NULL;
+    s->nqueues = 0;
 }
 
 void wr_hist_observe(wr_hist *h, double seconds) {
@@ -138,23 +153,41 @@ static void put_process(out *o, double start_time) {
     put(o, "process_start_time_seconds %.3f\n", start_time);
 }
 
+/* The label of each queue, escaped: queue="..." (a name is at most 255
+ * bytes, each escaped to two at most). */
+typedef char queue_label_buf[1100];
+
 char *wr_stats_render(const wr_stats *s, const wr_gauges *g, size_t *len) {
     out o = {0};
-    char q[1100]; /* a queue name is at most 255 bytes, each escaped to two at most */
-    queue_label(q, sizeof q, g->queue);
+    size_t nq = s->nqueues;
+    queue_label_buf *q = calloc(nq ? nq : 1, sizeof *q);
+    if (!q) return NULL;
+    for (size_t i = 0; i < nq; i++)
+        queue_label(q[i], sizeof q[i], s->queues[i].name);
+    const wr_queue_stats *qs = s->queues;
     help(&o, "warren_jobs_total", "counter", "Jobs ended, by what became of their message.");
-    for (int i = 0; i < WR_STAT_OUTCOMES; i++)
-        put(&o, "warren_jobs_total{%s,outcome=\"%s\"} %llu\n", q, outcomes[i], s->jobs[i]);
+    for (size_t i = 0; i < nq; i++)
+        for (int k = 0; k < WR_STAT_OUTCOMES; k++)
+            put(&o, "warren_jobs_total{%s,outcome=\"%s\"} %llu\n", q[i], outcomes[k],
+                qs[i].jobs[k]);
     help(&o, "warren_job_errors_total", "counter",
          "Jobs that failed: an error, a timeout or out of memory.");
-    put(&o, "warren_job_errors_total{%s} %llu\n", q, s->job_errors);
+    for (size_t i = 0; i < nq; i++)
+        put(&o, "warren_job_errors_total{%s} %llu\n", q[i], qs[i].job_errors);
     help(&o, "warren_job_duration_seconds", "histogram", "How long jobs ran.");
-    put_hist(&o, "warren_job_duration_seconds", q, &s->job_duration);
+    for (size_t i = 0; i < nq; i++)
+        put_hist(&o, "warren_job_duration_seconds", q[i], &qs[i].job_duration);
     help(&o, "warren_jobs_in_flight", "gauge", "Messages being worked on now.");
-    put(&o, "warren_jobs_in_flight{%s} %zu\n", q, g->in_flight);
+    for (size_t i = 0; i < nq; i++)
+        put(&o, "warren_jobs_in_flight{%s} %zu\n", q[i], qs[i].in_flight);
     help(&o, "warren_deliveries_total", "counter", "Messages the broker delivered.");
-    put(&o, "warren_deliveries_total{%s,redelivered=\"false\"} %llu\n", q, s->deliveries[0]);
-    put(&o, "warren_deliveries_total{%s,redelivered=\"true\"} %llu\n", q, s->deliveries[1]);
+    for (size_t i = 0; i < nq; i++) {
+        put(&o, "warren_deliveries_total{%s,redelivered=\"false\"} %llu\n", q[i],
+            qs[i].deliveries[0]);
+        put(&o, "warren_deliveries_total{%s,redelivered=\"true\"} %llu\n", q[i],
+            qs[i].deliveries[1]);
+    }
+    free(q);
     help(&o, "warren_connected", "gauge", "1 while connected to the broker.");
     put(&o, "warren_connected %d\n", g->connected ? 1 : 0);
     help(&o, "warren_quiet", "gauge", "1 in the quiet stage (SIGUSR1): connected, taking no work.");

@@ -19,7 +19,9 @@
 
 int wr_check(const wr_config *cfg) {
     char err[WR_LOAD_ERROR_MAX];
-    static const wr_ctx nothing; /* the main chunk only: no loop, nothing waits */
+    /* The main chunk only: no loop, nothing waits; the queues of -q are
+     * checked for a handler. */
+    const wr_ctx nothing = {.cfg = cfg};
     wr_vm_set_memory_limit(cfg->memory_limit);
     wr_vm *vm = wr_load_script(cfg->script, 1, &nothing, err, sizeof err);
     if (!vm) {
@@ -63,7 +65,7 @@ static void on_done(void *ud, wr_job *job, wr_outcome outcome) {
                                   t->cfg->max_retries);
     char what[160];
     wr_verdict_describe(&t->verdict, what, sizeof what);
-    wr_log_job f = wr_delivery_log_fields(d, NULL, wr_job_version(job));
+    wr_log_job f = wr_delivery_log_fields(d, wr_job_version(job));
     wr_log_for(WR_LOG_WARN, &f, "%s", what);
 }
 
@@ -90,6 +92,7 @@ typedef struct trial_msg {
     amqp_basic_deliver_t deliver;
     amqp_basic_properties_t props;
     amqp_bytes_t body;
+    const char *queue; /* the fixture's queue, else that of -q, or NULL */
 } trial_msg;
 
 /* Runs one message to its end; returns 1 when it was acked. */
@@ -116,6 +119,7 @@ static int run_one(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_as
     for (int i = 0; i < 3 && !d; i++)
         if (wr_assembler_feed(a, &f[i], &d) == WR_FRAME_ERROR) break;
     char err[256] = "not enough memory";
+    if (d) d->queue = msg->queue;
     if (!d || wr_job_start(s, vm, d, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         wr_delivery_release(a, d);
@@ -142,7 +146,8 @@ static int run_body(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, wr_a
     trial_msg m = {
         .deliver = {.exchange = amqp_empty_bytes, .routing_key = amqp_cstring_bytes("try")},
         .props = {._flags = AMQP_BASIC_MESSAGE_ID_FLAG, .message_id = amqp_cstring_bytes(id)},
-        .body = {len, (void *)body}};
+        .body = {len, (void *)body},
+        .queue = t->cfg->nqueues ? t->cfg->queues[0].name : NULL};
     return run_one(loop, s, t, vm, a, n, &m);
 }
 
@@ -204,19 +209,26 @@ static const char fixtures_lua[] =
     "return list\n";
 
 /* Protected: the trial_msg (argument 2) of the fixture table (argument 1),
- * its strings left on the stack above it; headers in the pool (argument 3). */
+ * its strings left on the stack above it; headers in the pool (argument 3);
+ * the trial is argument 4. */
 static int fixture_message(lua_State *L) {
     trial_msg *out = lua_touserdata(L, 2);
     amqp_pool_t *pool = lua_touserdata(L, 3);
+    const trial *t = lua_touserdata(L, 4);
     lua_settop(L, 1);
     wr_message m;
     wr_lua_build_message(L, &m, pool);
+    lua_getfield(L, 1, "queue");
+    const char *queue = lua_tostring(L, -1);
+    if (!queue && !lua_isnil(L, -1)) return luaL_error(L, "queue: expected a string");
+    if (!queue && t->cfg->nqueues) queue = t->cfg->queues[0].name;
     lua_getfield(L, 1, "redelivered");
     *out = (trial_msg){.deliver = {.exchange = m.exchange,
                                    .routing_key = m.routing_key,
                                    .redelivered = lua_toboolean(L, -1)},
                        .props = m.props,
-                       .body = m.body};
+                       .body = m.body,
+                       .queue = queue};
     return lua_gettop(L); /* the strings m points to stay on the caller's stack */
 }
 
@@ -256,7 +268,8 @@ static int run_fixtures(struct ev_loop *loop, wr_sched *s, trial *t, wr_vm *vm, 
         lua_rawgeti(L, list, i);
         lua_pushlightuserdata(L, &m);
         lua_pushlightuserdata(L, &pool);
-        if (lua_pcall(L, 3, LUA_MULTRET, 0) != LUA_OK) {
+        lua_pushlightuserdata(L, t);
+        if (lua_pcall(L, 4, LUA_MULTRET, 0) != LUA_OK) {
             fprintf(stderr, "warren try: %s: fixture %lld: %s\n", cfg->fixtures, (long long)i,
                     lua_tostring(L, -1));
             empty_amqp_pool(&pool);

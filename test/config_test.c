@@ -19,7 +19,8 @@ int main(void) {
 
     unsetenv("WARREN_URL");
     CHECK(PARSE(&c, err, "-q", "jobs", "s.lua") == 0);
-    CHECK(c.command == WR_CMD_RUN && !strcmp(c.queue, "jobs") && !strcmp(c.script, "s.lua"));
+    CHECK(c.command == WR_CMD_RUN && c.nqueues == 1 && !strcmp(c.queues[0].name, "jobs") &&
+          c.queues[0].prefetch == 1 && !strcmp(c.script, "s.lua"));
     CHECK(c.prefetch == 1 && c.drain_timeout == 5 && c.heartbeat == 10 && c.watch && !c.declare);
     CHECK(c.nurls == 1 && !strcmp(c.urls[0], "amqp://guest:guest@localhost:5672/"));
     CHECK(c.on_error == WR_ON_ERROR_RETRY && c.max_retries == 5);
@@ -61,7 +62,8 @@ int main(void) {
     setenv("WARREN_DRAIN_TIMEOUT", "7", 1);
     setenv("WARREN_QUEUE", "envq", 1);
     CHECK(PARSE(&c, err, "-p", "4", "s.lua") == 0);
-    CHECK(c.prefetch == 4 && c.drain_timeout == 7 && !strcmp(c.queue, "envq"));
+    CHECK(c.prefetch == 4 && c.drain_timeout == 7 && c.nqueues == 1 &&
+          !strcmp(c.queues[0].name, "envq") && c.queues[0].prefetch == 4);
     wr_config_free(&c);
     setenv("WARREN_PREFETCH", "many", 1);
     CHECK(PARSE(&c, err, "s.lua") == -1 && strstr(err, "WARREN_PREFETCH"));
@@ -83,6 +85,32 @@ int main(void) {
     CHECK(PARSE(&c, err, "-q", "a", "-u", "http://x/", "s.lua") == -1 && strstr(err, "http://x/"));
     wr_config_free(&c);
     CHECK(PARSE(&c, err, "-q", "a", "--heartbeat", "0.5", "s.lua") == -1);
+    wr_config_free(&c);
+
+    /* Several queues: repeated, comma lists, each with its own prefetch or --prefetch's. */
+    CHECK(PARSE(&c, err, "-q", "img:4", "-q", "mail,a:b:2", "-p", "3", "s.lua") == 0);
+    CHECK(c.nqueues == 3 && !strcmp(c.queues[0].name, "img") && c.queues[0].prefetch == 4 &&
+          !strcmp(c.queues[1].name, "mail") && c.queues[1].prefetch == 3 &&
+          !strcmp(c.queues[2].name, "a:b") && c.queues[2].prefetch == 2);
+    wr_config_free(&c);
+    setenv("WARREN_QUEUE", "x,y:5", 1);
+    CHECK(PARSE(&c, err, "s.lua") == 0);
+    CHECK(c.nqueues == 2 && !strcmp(c.queues[1].name, "y") && c.queues[1].prefetch == 5 &&
+          c.queues[0].prefetch == 1);
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "z", "s.lua") == 0); /* a flag wins over the variable */
+    CHECK(c.nqueues == 1 && !strcmp(c.queues[0].name, "z"));
+    wr_config_free(&c);
+    unsetenv("WARREN_QUEUE");
+    CHECK(PARSE(&c, err, "-q", "a", "-q", "a:3", "s.lua") == -1 && strstr(err, "'a' given twice"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a,", "s.lua") == -1 && strstr(err, "empty"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", "a:0", "s.lua") == -1 && strstr(err, "prefetch"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "-q", ":3", "s.lua") == -1 && strstr(err, "empty"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "try", "-q", "a", "-q", "b", "s.lua") == -1 && strstr(err, "one --queue"));
     wr_config_free(&c);
 
     CHECK(PARSE(&c, err, "try", "s.lua", "one", "two") == 0);

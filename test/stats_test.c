@@ -1,5 +1,6 @@
 /* The metrics text without a server: histograms are cumulative, label
- * values are escaped, and every family is declared before its samples. */
+ * values are escaped, every family is declared before its samples, and
+ * each queue has its own samples, grouped under one family. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -8,12 +9,14 @@
 
 static void histograms_are_cumulative(void) {
     wr_stats s;
-    wr_stats_init(&s);
-    wr_hist_observe(&s.job_duration, 0.003);
-    wr_hist_observe(&s.job_duration, 0.2);
-    wr_hist_observe(&s.job_duration, 0.2);
-    wr_hist_observe(&s.job_duration, 1e6);
-    wr_gauges g = {.queue = "q"};
+    const char *names[] = {"q"};
+    CHECK(wr_stats_init(&s, names, 1) == 0);
+    wr_hist *h = &s.queues[0].job_duration;
+    wr_hist_observe(h, 0.003);
+    wr_hist_observe(h, 0.2);
+    wr_hist_observe(h, 0.2);
+    wr_hist_observe(h, 1e6);
+    wr_gauges g = {0};
     size_t len;
     char *text = wr_stats_render(&s, &g, &len);
     CHECK(text && strlen(text) == len);
@@ -27,19 +30,28 @@ static void histograms_are_cumulative(void) {
     CHECK(strstr(text, "warren_loop_lag_seconds_bucket{le=\"+Inf\"} 0\n"));
     CHECK(strstr(text, "warren_loop_lag_seconds_sum 0.000000\n"));
     free(text);
+    wr_stats_free(&s);
 }
 
 static void labels_are_escaped(void) {
     wr_stats s;
-    wr_stats_init(&s);
-    s.jobs[WR_STAT_RETRY] = 7;
-    wr_gauges g = {.queue = "a\"b\\c\nd", .in_flight = 2};
+    const char *names[] = {"a\"b\\c\nd", "mail"};
+    CHECK(wr_stats_init(&s, names, 2) == 0);
+    s.queues[0].jobs[WR_STAT_RETRY] = 7;
+    s.queues[0].in_flight = 2;
+    s.queues[1].jobs[WR_STAT_ACK] = 3;
+    wr_gauges g = {0};
     size_t len;
     char *text = wr_stats_render(&s, &g, &len);
     CHECK(text != NULL);
     if (!text) return;
     CHECK(strstr(text, "warren_jobs_total{queue=\"a\\\"b\\\\c\\nd\",outcome=\"retry\"} 7\n"));
     CHECK(strstr(text, "warren_jobs_in_flight{queue=\"a\\\"b\\\\c\\nd\"} 2\n"));
+    CHECK(strstr(text, "warren_jobs_total{queue=\"mail\",outcome=\"ack\"} 3\n"));
+    CHECK(strstr(text, "warren_jobs_in_flight{queue=\"mail\"} 0\n"));
+    /* The samples of a family are together: one TYPE line each. */
+    const char *type = strstr(text, "# TYPE warren_jobs_in_flight ");
+    CHECK(type && !strstr(type + 1, "# TYPE warren_jobs_in_flight "));
     /* Each sample's family was declared with HELP and TYPE first. */
     for (char *line = text; *line; line = strchr(line, '\n') + 1) {
         if (*line == '#') continue;
@@ -56,6 +68,7 @@ static void labels_are_escaped(void) {
         if (!decl || decl > line) fprintf(stderr, "undeclared: %.*s\n", (int)n, line);
     }
     free(text);
+    wr_stats_free(&s);
 }
 
 int main(void) {

@@ -26,12 +26,20 @@ typedef enum {
     WR_CMD_VERSION, /* --version */
 } wr_command;
 
+/* One queue a worker consumes, with its own prefetch. */
+typedef struct wr_queue_conf {
+    char *name;
+    int prefetch; /* its jobs in flight at most */
+} wr_queue_conf;
+
 typedef struct wr_config {
     wr_command command;
     char **urls; /* one or more broker URLs, tried in order */
     size_t nurls;
-    const char *queue;
-    int prefetch;
+    wr_queue_conf
+        *queues; /* -q NAME[:PREFETCH], in the order given; none in check/try without -q */
+    size_t nqueues;
+    int prefetch;           /* --prefetch: a queue's when it names none */
     double drain_timeout;   /* seconds */
     int heartbeat;          /* whole seconds, 0 disables */
     double connect_timeout; /* seconds to keep trying at start-up, 0 = forever */

@@ -24,6 +24,11 @@ typedef struct wr_delivery {
     /* The channel opening the tag belongs to: a tag dies with its channel
      * (see wr_broker_settle). */
     unsigned epoch;
+    /* The queue it came from: its place in the configuration (the broker
+     * consumes each on a channel of its own) and its name; set by whoever
+     * made the delivery, NULL when not known. */
+    size_t qi;
+    const char *queue;
 } wr_delivery;
 
 typedef struct wr_assembler {
@@ -71,6 +76,6 @@ int wr_props_copy(amqp_basic_properties_t *dst, const amqp_basic_properties_t *s
 const amqp_field_value_t *wr_delivery_header(const wr_delivery *d, const char *name);
 
 /* The log fields of a job on d (log.h). */
-wr_log_job wr_delivery_log_fields(const wr_delivery *d, const char *queue, unsigned version);
+wr_log_job wr_delivery_log_fields(const wr_delivery *d, unsigned version);
 
 #endif

@@ -36,8 +36,9 @@ typedef struct wr_retrier wr_retrier;
  * is the caller's again. */
 typedef void (*wr_retried_fn)(void *ud, wr_delivery *d, const char *err);
 
-/* A retrier for the work queue `queue` through pub. NULL when out of memory. */
-wr_retrier *wr_retrier_new(wr_publisher *pub, const char *queue, wr_retried_fn done, void *ud);
+/* A retrier through pub; each copy goes back, after its delay, to the queue
+ * its original came from (d->queue). NULL when out of memory. */
+wr_retrier *wr_retrier_new(wr_publisher *pub, wr_retried_fn done, void *ud);
 
 /* Frees the retrier; nothing may be pending (wr_retrier_abandon first). */
 void wr_retrier_free(wr_retrier *r);

@@ -28,11 +28,19 @@ typedef enum {
     WR_STAT_OUTCOMES
 } wr_stat_outcome;
 
-typedef struct wr_stats {
+/* What is counted per queue. */
+typedef struct wr_queue_stats {
+    const char *name;
     unsigned long long jobs[WR_STAT_OUTCOMES];
     unsigned long long job_errors; /* failed jobs: errors, timeouts, out of memory */
     wr_hist job_duration;
     unsigned long long deliveries[2]; /* [redelivered] */
+    size_t in_flight;                 /* its messages the worker holds now (a gauge) */
+} wr_queue_stats;
+
+typedef struct wr_stats {
+    wr_queue_stats *queues; /* one per queue, in the configuration's order */
+    size_t nqueues;
     unsigned long long reconnects;
     unsigned long long reloads_ok, reloads_failed;
     unsigned long long publishes_ok, publishes_failed;
@@ -42,15 +50,17 @@ typedef struct wr_stats {
 
 /* What is true now, read when the metrics are served. */
 typedef struct wr_gauges {
-    const char *queue;
-    size_t in_flight;
     bool connected;
     bool quiet; /* SIGUSR1: consuming nothing on purpose */
     unsigned script_version;
     double start_time; /* process start, Unix seconds */
 } wr_gauges;
 
-void wr_stats_init(wr_stats *s);
+/* Prepares the counters of the n queues named (the names must outlive s).
+ * Returns 0, or -1 when out of memory. */
+int wr_stats_init(wr_stats *s, const char *const *names, size_t n);
+
+void wr_stats_free(wr_stats *s);
 
 /* The outcome's label: "ack", "requeue", "reject", "retry", "interrupted". */
 const char *wr_stat_outcome_name(wr_stat_outcome o);

@@ -34,9 +34,10 @@ typedef struct wr_vm {
     wr_vm_memory mem;
     int refs;
     unsigned version;
-    int handle_ref;    /* registry reference of the script's handle function */
-    const wr_ctx *ctx; /* what its warren module may use; never NULL */
-    wr_vm_file *files; /* the script and the modules it required from its own directory */
+    int handle_ref;       /* registry reference of the script's handle function, or of */
+    bool handle_by_queue; /* a table of the loader's: handler functions by queue name */
+    const wr_ctx *ctx;    /* what its warren module may use; never NULL */
+    wr_vm_file *files;    /* the script and the modules it required from its own directory */
     size_t nfiles;
 } wr_vm;
 

@@ -61,6 +61,21 @@ function H.sleep(seconds)
   socket.sleep(seconds)
 end
 
+-- H.free_port() -> a loopback TCP port nobody listens on right now.
+function H.free_port()
+  local s = assert(socket.bind("127.0.0.1", 0))
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+-- H.sample(text, series) -> the value of the sample "name{labels}" (labels exactly as served)
+-- in a metrics text, or nil.
+function H.sample(text, series)
+  local escaped = series:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?{}]", "%%%0")
+  return tonumber(("\n" .. text):match("\n" .. escaped .. " (%S+)"))
+end
+
 -- H.quote(s) -> s quoted for /bin/sh (a single word, whatever bytes it holds except NUL).
 function H.quote(s)
   s = tostring(s)
