@@ -103,7 +103,8 @@ describe("several queues", function()
     assert.same({ 0, 0 }, { (H.depth(slow)), (H.depth(fast)) })
   end)
 
-  it("goes on with the other queues when the broker cancels one, and takes it back", function()
+  it("goes on with the other queues when the broker cancels one, and takes it back; a reload "
+    .. "must keep every queue's handler", function()
     local a, b = H.queue("keep"), H.queue("gone")
     local rec = H.record_file()
     local script = H.script(H.RECORD_LUA .. [[
@@ -124,6 +125,13 @@ describe("several queues", function()
     for _, r in ipairs(H.records(rec)) do
       assert.equal(r[2]:sub(1, 1) == "a" and a or b, r[3])
     end
+    -- A reload that would leave a queue without a handler fails; the old version serves on.
+    local mark = proc:mark()
+    H.write_file(script, H.RECORD_LUA .. "handle = { [" .. H.lua_string(a) .. "] = function() end }")
+    proc:wait_log("reload %(%S+ changed%) failed, version 1 keeps serving: .*no handler for queue '"
+      .. b:gsub("%-", "%%-") .. "'", 10, mark)
+    H.publish(b, 1, { prefix = "late" })
+    H.wait_until(function() return #H.records(rec) == 9 end, 10, "queue b's message on version 1")
     proc:signal("TERM")
     assert.equal(0, proc:wait(10), proc:log())
   end)
