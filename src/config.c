@@ -9,6 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include "warren/url.h"
 
 const char wr_usage[] =
     "usage: warren [OPTIONS] SCRIPT.lua     run the worker\n"
@@ -20,6 +23,11 @@ const char wr_usage[] =
     "  -u, --url URL              broker, amqp:// or amqps://; repeat or separate with commas\n"
     "                             to list cluster nodes (default "
     "amqp://guest:guest@localhost:5672/)\n"
+    "      --url-file FILE        read the URLs from FILE (one per line or comma-separated),\n"
+    "                             so no password shows in ps; also the credential 'url'\n"
+    "                             of $CREDENTIALS_DIRECTORY\n"
+    "      --password-file FILE   the broker password, from FILE (or the credential\n"
+    "                             'password'), for every URL\n"
     "  -q, --queue NAME[:N]       queue to consume (required), with at most N of its jobs in\n"
     "                             flight; repeat or separate with commas for several queues\n"
     "  -p, --prefetch N           most jobs in flight at once per queue without its own N\n"
@@ -107,11 +115,21 @@ static int parse_bool(const char *s, bool *out) {
     return -1;
 }
 
-/* Splits a comma-separated list of URLs onto c->urls, checking each. */
-static int add_urls(wr_config *c, const char *list, char *err, size_t errlen) {
+/* Splits a list of URLs (separated by commas or line ends) onto c->urls,
+ * checking each; from names where it came from. Messages never show a
+ * password, and show a bad URL only when show (not one read from a file,
+ * which may hold anything). */
+static int add_urls(wr_config *c, const char *list, const char *from, bool show, char *err,
+                    size_t errlen) {
     const char *p = list;
-    for (;;) {
-        size_t n = strcspn(p, ",");
+    for (unsigned nth = 1;; nth++) {
+        size_t n = strcspn(p, ",\n");
+        while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\r' || p[n - 1] == '\t'))
+            n--;
+        while (n > 0 && (*p == ' ' || *p == '\t')) {
+            p++;
+            n--;
+        }
         if (n > 0) {
             char *url = strndup(p, n);
             char *probe = strdup(url);
@@ -120,9 +138,15 @@ static int add_urls(wr_config *c, const char *list, char *err, size_t errlen) {
             free(probe);
             if (bad) {
                 free(url);
+                char shown[512];
+                wr_url_redact(p, n, shown, sizeof shown);
+                if (!show)
+                    return fail(err, errlen,
+                                "%s: URL %u is invalid: expected amqp://user:pass@host:port/vhost",
+                                from, nth);
                 return fail(err, errlen,
-                            "invalid --url '%.*s': expected amqp://user:pass@host:port/vhost",
-                            (int)n, p);
+                            "%s: invalid URL '%s': expected amqp://user:pass@host:port/vhost", from,
+                            shown);
             }
             char **grown = realloc(c->urls, (c->nurls + 1) * sizeof *grown);
             if (!grown) {
@@ -132,9 +156,81 @@ static int add_urls(wr_config *c, const char *list, char *err, size_t errlen) {
             c->urls = grown;
             c->urls[c->nurls++] = url;
         }
-        if (p[n] == '\0') return 0;
-        p += n + 1;
+        p += strcspn(p, ",\n");
+        if (*p == '\0') return 0;
+        p++;
     }
+}
+
+/* Reads a secret from path: at most 64 KiB, without trailing line ends and
+ * blanks. Returns a malloc'd string, or NULL with a message in err. */
+static char *read_secret(const char *path, const char *from, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fail(err, errlen, "%s: cannot read %s: %s", from, path, strerror(errno));
+        return NULL;
+    }
+    enum { MAX = 64 * 1024 };
+    char *buf = malloc(MAX + 1);
+    size_t n = buf ? fread(buf, 1, MAX + 1, f) : 0;
+    bool failed = buf && ferror(f);
+    fclose(f);
+    if (!buf || failed || n > MAX || memchr(buf, '\0', n)) {
+        fail(err, errlen, "%s: %s is %s", from, path,
+             !buf      ? "too much for the memory left"
+             : failed  ? "unreadable"
+             : n > MAX ? "longer than 64 KiB"
+                       : "not text");
+        free(buf);
+        return NULL;
+    }
+    while (n > 0 && strchr(" \t\r\n", buf[n - 1]))
+        n--;
+    buf[n] = '\0';
+    return buf;
+}
+
+/* A file of the service manager's credentials ($CREDENTIALS_DIRECTORY), or
+ * NULL when there is none by that name. */
+static char *credential(const char *name, char *path, size_t len) {
+    const char *dir = getenv("CREDENTIALS_DIRECTORY");
+    if (!dir || !*dir) return NULL;
+    snprintf(path, len, "%s/%s", dir, name);
+    return access(path, F_OK) == 0 ? path : NULL;
+}
+
+/* The URLs from a file (--url-file, WARREN_URL_FILE, the credential url). */
+static int add_url_file(wr_config *c, const char *path, const char *from, char *err,
+                        size_t errlen) {
+    char *text = read_secret(path, from, err, errlen);
+    if (!text) return -1;
+    char where[300];
+    snprintf(where, sizeof where, "%s %s", from, path);
+    int rc = add_urls(c, text, where, false, err, errlen);
+    wr_url_wipe(text);
+    free(text);
+    return rc;
+}
+
+/* Sets the password of every URL to the one in path. */
+static int set_password(wr_config *c, const char *path, const char *from, char *err,
+                        size_t errlen) {
+    char *password = read_secret(path, from, err, errlen);
+    if (!password) return -1;
+    int rc = 0;
+    for (size_t i = 0; i < c->nurls && rc == 0; i++) {
+        char *url = wr_url_with_password(c->urls[i], password);
+        if (!url) {
+            rc = fail(err, errlen, "out of memory");
+            break;
+        }
+        wr_url_wipe(c->urls[i]);
+        free(c->urls[i]);
+        c->urls[i] = url;
+    }
+    memset(password, 0, strlen(password));
+    free(password);
+    return rc;
 }
 
 /* Splits a comma-separated list of NAME[:PREFETCH] onto c->queues. A
@@ -198,6 +294,8 @@ enum opt_id {
     OPT_VIRTUAL_TIME,
     OPT_MESSAGE,
     OPT_MESSAGES,
+    OPT_URL_FILE,
+    OPT_PASSWORD_FILE,
     OPT_COUNT
 };
 
@@ -228,6 +326,8 @@ static const struct option_spec {
     [OPT_VIRTUAL_TIME] = {0, "virtual-time", "WARREN_VIRTUAL_TIME", false},
     [OPT_MESSAGE] = {0, "message", "WARREN_MESSAGE", true},
     [OPT_MESSAGES] = {0, "messages", "WARREN_MESSAGES", true},
+    [OPT_URL_FILE] = {0, "url-file", "WARREN_URL_FILE", true},
+    [OPT_PASSWORD_FILE] = {0, "password-file", "WARREN_PASSWORD_FILE", true},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -260,7 +360,10 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
                  size_t errlen) {
     switch (id) {
     case OPT_URL:
-        return add_urls(c, v, err, errlen);
+        return add_urls(c, v, from, true, err, errlen);
+    case OPT_URL_FILE:
+    case OPT_PASSWORD_FILE:
+        return 0; /* with the URLs, in wr_config_parse */
     case OPT_QUEUE:
         return add_queues(c, v, from, err, errlen);
     case OPT_PREFETCH:
@@ -467,12 +570,23 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
     char from[64];
     for (int id = 0; id < OPT_COUNT; id++) {
         const char *env = getenv(options[id].env);
-        if (id == OPT_URL) {
-            if (nurlflags > 0) {
+        if (id == OPT_URL) { /* the first source of URLs there is */
+            const char *file_env = getenv("WARREN_URL_FILE");
+            char cred[4096];
+            if (nurlflags > 0 && flag[OPT_URL_FILE]) {
+                fail(err, errlen, "give --url or --url-file, not both");
+                goto out;
+            } else if (nurlflags > 0) {
                 for (int k = 0; k < nurlflags; k++)
                     if (apply(c, OPT_URL, urlflags[k], "--url", err, errlen)) goto out;
+            } else if (flag[OPT_URL_FILE]) {
+                if (add_url_file(c, flag[OPT_URL_FILE], "--url-file", err, errlen)) goto out;
             } else if (env && *env) {
                 if (apply(c, OPT_URL, env, options[id].env, err, errlen)) goto out;
+            } else if (file_env && *file_env) {
+                if (add_url_file(c, file_env, "WARREN_URL_FILE", err, errlen)) goto out;
+            } else if (credential("url", cred, sizeof cred)) {
+                if (add_url_file(c, cred, "credential", err, errlen)) goto out;
             }
             continue;
         }
@@ -490,7 +604,20 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
             if (apply(c, (enum opt_id)id, env, options[id].env, err, errlen)) goto out;
         }
     }
-    if (c->nurls == 0 && add_urls(c, "amqp://guest:guest@localhost:5672/", err, errlen)) goto out;
+    if (c->nurls == 0 &&
+        add_urls(c, "amqp://guest:guest@localhost:5672/", "the default URL", true, err, errlen))
+        goto out;
+    {
+        const char *file_env = getenv("WARREN_PASSWORD_FILE");
+        char cred[4096];
+        if (flag[OPT_PASSWORD_FILE]) {
+            if (set_password(c, flag[OPT_PASSWORD_FILE], "--password-file", err, errlen)) goto out;
+        } else if (file_env && *file_env) {
+            if (set_password(c, file_env, "WARREN_PASSWORD_FILE", err, errlen)) goto out;
+        } else if (credential("password", cred, sizeof cred)) {
+            if (set_password(c, cred, "credential", err, errlen)) goto out;
+        }
+    }
     wr_log_set_level(c->log_level);
     wr_log_set_format(c->log_format);
 
@@ -535,6 +662,16 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
         if (!c->queues[i].prefetch) c->queues[i].prefetch = c->prefetch;
     rc = 0;
 out:
+    /* Passwords given on the command line or in WARREN_URL anyway: wiped
+     * where ps and /proc/PID/cmdline or environ show them, and the variable
+     * kept from the programs jobs spawn. */
+    for (int k = 0; k < nurlflags; k++)
+        wr_url_wipe(urlflags[k]);
+    char *env_url = getenv("WARREN_URL");
+    if (env_url) {
+        wr_url_wipe(env_url);
+        unsetenv("WARREN_URL");
+    }
     c->positional = positional;
     free(urlflags);
     free(queueflags);

@@ -1,9 +1,11 @@
 /* Option parsing: flags, environment, defaults and one-line errors. */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "warren/config.h"
+#include "warren/url.h"
 
 static int parse(wr_config *c, char *err, int argc, char **argv) {
     return wr_config_parse(c, argc, argv, err, 256);
@@ -111,6 +113,48 @@ int main(void) {
     CHECK(PARSE(&c, err, "-q", ":3", "s.lua") == -1 && strstr(err, "empty"));
     wr_config_free(&c);
     CHECK(PARSE(&c, err, "try", "-q", "a", "-q", "b", "s.lua") == -1 && strstr(err, "one --queue"));
+    wr_config_free(&c);
+
+    /* Passwords: set from a file (escaped), wiped from argv, never in a message. */
+    char *u = wr_url_with_password("amqp://bob:old@h:5672/v", "p@ss/w:rd%");
+    CHECK(u && !strcmp(u, "amqp://bob:p%40ss%2Fw%3Ard%25@h:5672/v"));
+    free(u);
+    u = wr_url_with_password("amqps://h/", "x y");
+    CHECK(u && !strcmp(u, "amqps://guest:x%20y@h/"));
+    free(u);
+    u = wr_url_with_password("amqp://bob@h", "pw");
+    CHECK(u && !strcmp(u, "amqp://bob:pw@h"));
+    free(u);
+    char list[] = "amqp://u:secret@h,amqp://v@h2/,amqp://w:pw@h3/v@x";
+    wr_url_wipe(list);
+    /* Up to the last '@': a password may hold '/' or '@' unescaped. */
+    CHECK(!strcmp(list, "amqp://u:******@h,amqp://v@h2/,amqp://w:*******@x"));
+    char shown[64];
+    wr_url_redact("amqp://u:secret@h/", 18, shown, sizeof shown);
+    CHECK(!strcmp(shown, "amqp://u:***@h/"));
+    char arg[] = "--url=amqp://u:hunter2@h/";
+    CHECK(PARSE(&c, err, arg, "-q", "a", "s.lua") == 0);
+    CHECK(!strcmp(arg, "--url=amqp://u:*******@h/") && !strcmp(c.urls[0], "amqp://u:hunter2@h/"));
+    wr_config_free(&c);
+    char bad[] = "amqp://u:hunter2@h:port/";
+    CHECK(PARSE(&c, err, "-u", bad, "-q", "a", "s.lua") == -1 && strstr(err, "u:***@h:port") &&
+          !strstr(err, "hunter2"));
+    wr_config_free(&c);
+    char path[] = "/tmp/warren-config-test-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0 && write(fd, "s3cret\n", 7) == 7);
+    close(fd);
+    char two[] = "amqp://u:x@a/,amqp://b/"; /* argv is writable, a literal is not */
+    CHECK(PARSE(&c, err, "-u", two, "--password-file", path, "-q", "a", "s.lua") == 0);
+    CHECK(c.nurls == 2 && !strcmp(c.urls[0], "amqp://u:s3cret@a/") &&
+          !strcmp(c.urls[1], "amqp://guest:s3cret@b/"));
+    wr_config_free(&c);
+    CHECK(PARSE(&c, err, "--url-file", path, "-q", "a", "s.lua") == -1 &&
+          strstr(err, "URL 1 is invalid") && !strstr(err, "s3cret"));
+    wr_config_free(&c);
+    unlink(path);
+    CHECK(PARSE(&c, err, "--url-file", "/nonexistent", "-q", "a", "s.lua") == -1 &&
+          strstr(err, "--url-file: cannot read /nonexistent"));
     wr_config_free(&c);
 
     CHECK(PARSE(&c, err, "try", "s.lua", "one", "two") == 0);
