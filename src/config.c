@@ -28,6 +28,10 @@ const char wr_usage[] =
     "                             of $CREDENTIALS_DIRECTORY\n"
     "      --password-file FILE   the broker password, from FILE (or the credential\n"
     "                             'password'), for every URL\n"
+    "      --tls-ca FILE          amqps: trust the CAs in FILE (PEM) instead of the system's\n"
+    "      --tls-cert FILE        amqps: present this client certificate (PEM); with no\n"
+    "                             password in the URL it is the login (SASL EXTERNAL)\n"
+    "      --tls-key FILE         the client certificate's private key (PEM)\n"
     "  -q, --queue NAME[:N]       queue to consume (required), with at most N of its jobs in\n"
     "                             flight; repeat or separate with commas for several queues\n"
     "  -p, --prefetch N           most jobs in flight at once per queue without its own N\n"
@@ -68,7 +72,9 @@ const char wr_usage[] =
     "      or the --metrics address cannot be listened on\n"
     "  75  forced exit: unfinished jobs were handed back to the broker; or the broker did\n"
     "      not confirm the final close\n"
-    "  77  the broker refused the credentials or the vhost\n"
+    "  76  TLS: the broker's certificate is not trusted (unknown CA, wrong host name,\n"
+    "      expired) or its port does not speak TLS\n"
+    "  77  the broker refused the credentials, the client certificate or the vhost\n"
     "  78  the script does not load or has no handle\n"
     "warren try exits 0 when every body was acked, 1 otherwise, 75 when interrupted\n"
     "\n"
@@ -296,6 +302,9 @@ enum opt_id {
     OPT_MESSAGES,
     OPT_URL_FILE,
     OPT_PASSWORD_FILE,
+    OPT_TLS_CA,
+    OPT_TLS_CERT,
+    OPT_TLS_KEY,
     OPT_COUNT
 };
 
@@ -328,6 +337,9 @@ static const struct option_spec {
     [OPT_MESSAGES] = {0, "messages", "WARREN_MESSAGES", true},
     [OPT_URL_FILE] = {0, "url-file", "WARREN_URL_FILE", true},
     [OPT_PASSWORD_FILE] = {0, "password-file", "WARREN_PASSWORD_FILE", true},
+    [OPT_TLS_CA] = {0, "tls-ca", "WARREN_TLS_CA", true},
+    [OPT_TLS_CERT] = {0, "tls-cert", "WARREN_TLS_CERT", true},
+    [OPT_TLS_KEY] = {0, "tls-key", "WARREN_TLS_KEY", true},
 };
 
 /* [HOST:]PORT, HOST a numeric address ("[::1]" for IPv6) or localhost. */
@@ -364,6 +376,12 @@ static int apply(wr_config *c, enum opt_id id, const char *v, const char *from, 
     case OPT_URL_FILE:
     case OPT_PASSWORD_FILE:
         return 0; /* with the URLs, in wr_config_parse */
+    case OPT_TLS_CA:
+    case OPT_TLS_CERT:
+    case OPT_TLS_KEY:
+        if (!*v) return fail(err, errlen, "%s: the file name is empty", from);
+        *(id == OPT_TLS_CA ? &c->tls_ca : id == OPT_TLS_CERT ? &c->tls_cert : &c->tls_key) = v;
+        return 0;
     case OPT_QUEUE:
         return add_queues(c, v, from, err, errlen);
     case OPT_PREFETCH:
@@ -652,6 +670,10 @@ int wr_config_parse(wr_config *c, int argc, char **argv, char *err, size_t errle
     }
     if (c->command == WR_CMD_RUN && c->nqueues == 0) {
         fail(err, errlen, "missing --queue NAME (or WARREN_QUEUE)");
+        goto out;
+    }
+    if (!c->tls_cert != !c->tls_key) {
+        fail(err, errlen, "a client certificate needs both --tls-cert and --tls-key");
         goto out;
     }
     if (c->command == WR_CMD_TRY && c->nqueues > 1) {

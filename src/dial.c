@@ -70,7 +70,7 @@ static void *resolve(void *arg) {
     return NULL;
 }
 
-static void finish(wr_dial *d, int fd, SSL *ssl, const char *err) {
+static void finish(wr_dial *d, int fd, SSL *ssl, wr_dial_failure failure, const char *err) {
     wr_dial_fn done = d->done;
     void *ud = d->ud;
     char why[300] = "";
@@ -80,32 +80,127 @@ static void finish(wr_dial *d, int fd, SSL *ssl, const char *err) {
         d->ssl = NULL;
     }
     wr_dial_cancel(d);
-    done(ud, fd, ssl, err ? why : NULL);
+    done(ud, fd, ssl, failure, err ? why : NULL);
 }
 
 static void fail(wr_dial *d, const char *fmt, const char *what) {
     char err[300];
     snprintf(err, sizeof err, fmt, what);
-    finish(d, -1, NULL, err);
+    finish(d, -1, NULL, WR_DIAL_UNREACHABLE, err);
 }
 
-static SSL_CTX *tls_context(void) {
-    static SSL_CTX *ctx;
-    if (ctx) return ctx;
-    ctx = SSL_CTX_new(TLS_client_method());
+/* The TLS context of every dial: one per process, made by
+ * wr_dial_tls_setup or on first use. */
+static SSL_CTX *tls_ctx;
+static bool client_cert;
+
+static SSL_CTX *new_context(void) {
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx) return NULL;
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_default_verify_paths(ctx);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     return ctx;
 }
 
-static const char *tls_error(wr_dial *d) {
+/* The last OpenSSL error, as a few words. */
+static const char *ssl_reason(void) {
+    unsigned long e = ERR_peek_error(); /* the first: the cause */
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    return r ? r : "not a PEM file of the right kind";
+}
+
+int wr_dial_tls_setup(const char *ca_file, const char *cert_file, const char *key_file, char *err,
+                      size_t errlen) {
+    SSL_CTX *ctx = new_context();
+    if (!ctx) {
+        snprintf(err, errlen, "TLS: cannot set up OpenSSL");
+        return -1;
+    }
+    const char *const files[][2] = {{"--tls-ca", ca_file}, {"--tls-cert", cert_file},
+                                     {"--tls-key", key_file}};
+    for (size_t i = 0; i < 3; i++) {
+        FILE *f = files[i][1] ? fopen(files[i][1], "r") : NULL;
+        if (files[i][1] && !f) {
+            snprintf(err, errlen, "%s: cannot read %s: %s", files[i][0], files[i][1],
+                     strerror(errno));
+            SSL_CTX_free(ctx);
+            return -1;
+        }
+        if (f) fclose(f);
+    }
+    ERR_clear_error();
+    const char *bad = NULL, *file = NULL;
+    if (ca_file ? !SSL_CTX_load_verify_locations(ctx, ca_file, NULL)
+                : !SSL_CTX_set_default_verify_paths(ctx))
+        bad = "--tls-ca", file = ca_file ? ca_file : "the system's CAs";
+    else if (cert_file && !SSL_CTX_use_certificate_chain_file(ctx, cert_file))
+        bad = "--tls-cert", file = cert_file;
+    else if (key_file && !SSL_CTX_use_PrivateKey_file(ctx, key_file, SSL_FILETYPE_PEM))
+        bad = "--tls-key", file = key_file;
+    else if (cert_file && !SSL_CTX_check_private_key(ctx))
+        bad = "--tls-key", file = key_file;
+    if (bad) {
+        snprintf(err, errlen, "%s: cannot use %s: %s", bad, file, ssl_reason());
+        SSL_CTX_free(ctx);
+        return -1;
+    }
+    SSL_CTX_free(tls_ctx);
+    tls_ctx = ctx;
+    client_cert = cert_file != NULL;
+    return 0;
+}
+
+bool wr_dial_client_cert(void) {
+    return client_cert;
+}
+
+static SSL_CTX *tls_context(void) {
+    if (tls_ctx) return tls_ctx;
+    if ((tls_ctx = new_context())) SSL_CTX_set_default_verify_paths(tls_ctx);
+    return tls_ctx;
+}
+
+bool wr_dial_refused_alert(unsigned long e) {
+    if (ERR_GET_LIB(e) != ERR_LIB_SSL) return false;
+    switch (ERR_GET_REASON(e)) {
+    case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN:
+    case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+    case SSL_R_TLSV1_ALERT_ACCESS_DENIED:
+    case SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Why the handshake failed, and how to report it. */
+static wr_dial_failure tls_error(wr_dial *d, char *why, size_t n) {
     long v = SSL_get_verify_result(d->ssl);
-    if (v != X509_V_OK) return X509_verify_cert_error_string(v);
-    unsigned long e = ERR_get_error();
-    return e ? ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "TLS error"
-             : "the connection closed during the TLS handshake";
+    if (v != X509_V_OK) {
+        snprintf(why, n, "TLS: the broker's certificate is not trusted: %s",
+                 X509_verify_cert_error_string(v));
+        return WR_DIAL_UNTRUSTED;
+    }
+    unsigned long e = ERR_peek_last_error();
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    if (e && wr_dial_refused_alert(e)) {
+        snprintf(why, n, "TLS: the broker refused the client certificate (%s)", r ? r : "alert");
+        return WR_DIAL_REFUSED;
+    }
+    if (e && ERR_GET_LIB(e) == ERR_LIB_SSL &&
+        (ERR_GET_REASON(e) == SSL_R_WRONG_VERSION_NUMBER ||
+         ERR_GET_REASON(e) == SSL_R_PACKET_LENGTH_TOO_LONG ||
+         ERR_GET_REASON(e) == SSL_R_UNKNOWN_PROTOCOL)) {
+        snprintf(why, n, "TLS handshake failed: the port does not speak TLS (%s)", r);
+        return WR_DIAL_UNTRUSTED;
+    }
+    snprintf(why, n, "TLS handshake failed: %s",
+             r ? r : "the connection closed during the TLS handshake");
+    return WR_DIAL_UNREACHABLE;
 }
 
 static void tls_step(wr_dial *d) {
@@ -113,7 +208,7 @@ static void tls_step(wr_dial *d) {
     int rc = SSL_connect(d->ssl);
     if (rc == 1) {
         ev_io_stop(d->loop, &d->io);
-        finish(d, d->fd, d->ssl, NULL);
+        finish(d, d->fd, d->ssl, WR_DIAL_UNREACHABLE, NULL);
         return;
     }
     int e = SSL_get_error(d->ssl, rc);
@@ -123,7 +218,9 @@ static void tls_step(wr_dial *d) {
         ev_io_start(d->loop, &d->io);
         return;
     }
-    fail(d, "TLS handshake failed: %s", tls_error(d));
+    char why[300];
+    wr_dial_failure f = tls_error(d, why, sizeof why);
+    finish(d, -1, NULL, f, why);
 }
 
 static void tls_io_cb(struct ev_loop *loop, ev_io *w, int revents) {
@@ -152,7 +249,7 @@ static void connected(wr_dial *d) {
     if (d->tls)
         start_tls(d);
     else
-        finish(d, d->fd, NULL, NULL);
+        finish(d, d->fd, NULL, WR_DIAL_UNREACHABLE, NULL);
 }
 
 static void try_next(wr_dial *d);
@@ -200,7 +297,7 @@ static void try_next(wr_dial *d) {
         close(fd);
         d->fd = -1;
     }
-    finish(d, -1, NULL, d->err[0] ? d->err : "cannot connect: no address");
+    finish(d, -1, NULL, WR_DIAL_UNREACHABLE, d->err[0] ? d->err : "cannot connect: no address");
 }
 
 static void resolved_cb(struct ev_loop *loop, ev_async *w, int revents) {

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "warren/broker.h"
+#include "warren/dial.h"
 #include "warren/job.h"
 #include "warren/load.h"
 #include "warren/log.h"
@@ -249,6 +250,11 @@ static void on_failed(void *ud, size_t q, wr_broker_status st, const char *err) 
         if (st == WR_BROKER_REFUSED) {
             wr_error("%s", err);
             stop(h, WR_EXIT_NOPERM);
+            return;
+        }
+        if (st == WR_BROKER_UNTRUSTED) {
+            wr_error("%s", err);
+            stop(h, WR_EXIT_PROTOCOL);
             return;
         }
         if (st == WR_BROKER_NO_QUEUE) {
@@ -775,6 +781,11 @@ int wr_host_run(const wr_config *cfg) {
         return give_up(h, WR_EXIT_UNAVAILABLE);
     }
     h->start_time = ev_time();
+    if ((cfg->tls_ca || cfg->tls_cert) &&
+        wr_dial_tls_setup(cfg->tls_ca, cfg->tls_cert, cfg->tls_key, err, sizeof err)) {
+        wr_error("%s", err);
+        return give_up(h, WR_EXIT_USAGE);
+    }
     /* Not the default loop: libev's default loop reaps every child on
      * SIGCHLD, which would take io.popen's and os.execute's exit status. */
     h->loop = ev_loop_new(EVFLAG_AUTO);

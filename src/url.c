@@ -27,6 +27,11 @@ static bool userinfo(const char *url, size_t n, size_t *at, size_t *len) {
     return true;
 }
 
+bool wr_url_names_password(const char *url) {
+    size_t ui, ulen;
+    return userinfo(url, strlen(url), &ui, &ulen) && memchr(url + ui, ':', ulen);
+}
+
 /* Where a password may be, for hiding it: from the first ':' after "://"
  * to the last '@', as a password that should have been escaped may hold
  * '/' and '@' itself. More than the password at times (a port, a path),

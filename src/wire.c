@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "warren/dial.h"
+#include "warren/url.h"
 
 #define FRAME_MAX 131072
 #define INBUF_SIZE (2 * FRAME_MAX)
@@ -41,6 +42,7 @@ struct wr_wire {
     wire_state state;
     char *url; /* amqp_parse_url's copy: info points into it */
     struct amqp_connection_info info;
+    bool external; /* log in with the TLS client certificate (SASL EXTERNAL) */
     char where[256];
     int hb_asked, hb;
     int frame_max;
@@ -379,11 +381,15 @@ static bool offers(amqp_bytes_t list, const char *word) {
 }
 
 static void start_ok(wr_wire *w, const amqp_connection_start_t *m) {
-    const char *mech = "PLAIN";
+    const char *mech = w->external ? "EXTERNAL" : "PLAIN";
     amqp_bytes_t mechs = m->mechanisms;
     if (!offers(mechs, mech)) {
-        lose(w, WR_BROKER_FAILED, "the broker does not offer PLAIN login (offers: %.*s)",
-             (int)mechs.len, (char *)mechs.bytes);
+        lose(w, w->external ? WR_BROKER_REFUSED : WR_BROKER_FAILED,
+             "the broker does not offer %s login (offers: %.*s)%s", mech, (int)mechs.len,
+             (char *)mechs.bytes,
+             w->external ? "; enable its rabbitmq_auth_mechanism_ssl plugin, or put a password "
+                           "in the URL"
+                         : "");
         return;
     }
     amqp_table_entry_t caps[] = {
@@ -395,6 +401,7 @@ static void start_ok(wr_wire *w, const amqp_connection_start_t *m) {
     props[2].value.kind = AMQP_FIELD_KIND_TABLE;
     props[2].value.value.table = (amqp_table_t){4, caps};
     size_t ul = strlen(w->info.user), pl = strlen(w->info.password);
+    if (w->external) ul = pl = 0; /* the certificate names the user */
     char *resp = malloc(ul + pl + 2);
     if (!resp) {
         lose(w, WR_BROKER_UNREACHABLE, "out of memory");
@@ -406,7 +413,7 @@ static void start_ok(wr_wire *w, const amqp_connection_start_t *m) {
     memcpy(resp + ul + 2, w->info.password, pl);
     amqp_connection_start_ok_t ok = {.client_properties = {3, props},
                                      .mechanism = amqp_cstring_bytes(mech),
-                                     .response = {ul + pl + 2, resp},
+                                     .response = {w->external ? 0 : ul + pl + 2, resp},
                                      .locale = amqp_cstring_bytes("en_US")};
     send_method(w, 0, AMQP_CONNECTION_START_OK_METHOD, &ok);
     memset(resp, 0, ul + pl + 2);
@@ -540,7 +547,16 @@ static ssize_t fill(wr_wire *w) {
         return -1;
     }
     if (n < 0) {
-        lose(w, WR_BROKER_UNREACHABLE, "reading: %s", w->ssl ? "TLS error" : strerror(errno));
+        unsigned long e = w->ssl ? ERR_peek_last_error() : 0;
+        if (w->state == W_HANDSHAKE && wr_dial_refused_alert(e)) {
+            /* TLS 1.3: the verdict on our certificate comes after the handshake. */
+            lose(w, WR_BROKER_REFUSED, "TLS: the broker refused the client certificate (%s)",
+                 ERR_reason_error_string(e));
+            return -1;
+        }
+        lose(w, WR_BROKER_UNREACHABLE, "reading: %s",
+             w->ssl ? (e && ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "TLS error")
+                    : strerror(errno));
         return -1;
     }
     w->in_len += (size_t)n;
@@ -620,11 +636,15 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *t, int revents) {
              w->state == W_DIALING ? "connecting" : "logging in");
 }
 
-static void dialed(void *ud, int fd, SSL *ssl, const char *err) {
+static void dialed(void *ud, int fd, SSL *ssl, wr_dial_failure failure, const char *err) {
     wr_wire *w = ud;
     w->dial = NULL;
     if (fd < 0) {
-        lose(w, WR_BROKER_UNREACHABLE, "%s", err);
+        lose(w,
+             failure == WR_DIAL_UNTRUSTED ? WR_BROKER_UNTRUSTED
+             : failure == WR_DIAL_REFUSED ? WR_BROKER_REFUSED
+                                          : WR_BROKER_UNREACHABLE,
+             "%s", err);
         return;
     }
     w->fd = fd;
@@ -679,9 +699,12 @@ int wr_wire_open(wr_wire *w, const char *url, int heartbeat, double timeout, cha
     /* "amqp://host/" names the default vhost for users of most clients,
      * though the URI spec reads it as the empty one. */
     if (!w->info.vhost[0]) w->info.vhost = "/";
-    snprintf(w->where, sizeof w->where, "%s://%s@%s:%d%s%s", w->info.ssl ? "amqps" : "amqp",
-             w->info.user, w->info.host, w->info.port, w->info.vhost[0] == '/' ? "" : "/",
-             w->info.vhost);
+    /* A client certificate and no password in the URL: the certificate is
+     * the login. */
+    w->external = w->info.ssl && wr_dial_client_cert() && !wr_url_names_password(url);
+    snprintf(w->where, sizeof w->where, "%s://%s%s%s:%d%s%s", w->info.ssl ? "amqps" : "amqp",
+             w->external ? "" : w->info.user, w->external ? "" : "@", w->info.host, w->info.port,
+             w->info.vhost[0] == '/' ? "" : "/", w->info.vhost);
     if (w->dec) amqp_destroy_connection(w->dec);
     if (!(w->dec = amqp_new_connection())) {
         snprintf(err, errlen, "out of memory");

@@ -14,6 +14,7 @@ enum {
     WR_EXIT_USAGE = 64,       /* bad command line or environment */
     WR_EXIT_UNAVAILABLE = 69, /* broker unreachable at start, or the queue is missing */
     WR_EXIT_TEMPFAIL = 75,    /* forced exit: unfinished jobs handed back */
+    WR_EXIT_PROTOCOL = 76,    /* TLS: the broker's certificate is not trusted, or no TLS there */
     WR_EXIT_NOPERM = 77,      /* the broker refused the credentials or the vhost */
     WR_EXIT_CONFIG = 78,      /* the script does not load or has no handle */
 };
@@ -47,6 +48,9 @@ typedef struct wr_config {
     wr_on_error on_error;   /* what a failed job's message becomes */
     double job_timeout;     /* seconds a job may run before it fails, 0 = no limit */
     int memory_limit;       /* MiB each script version's Lua state may hold, 0 = no limit */
+    const char *tls_ca;   /* --tls-ca: the CAs to trust instead of the system's, or NULL */
+    const char *tls_cert; /* --tls-cert and --tls-key: the client certificate, or NULL */
+    const char *tls_key;
     bool declare;
     bool watch;            /* reload when the script changes */
     long max_jobs;         /* --max-jobs: start at most this many jobs, then drain; 0 = no limit */

@@ -18,14 +18,37 @@
 
 typedef struct wr_dial wr_dial;
 
-/* fd >= 0 and (for TLS) ssl on success, both the receiver's to close; or
- * fd -1 with a one-line reason. Called from a loop callback, never from
- * inside wr_dial_start. */
-typedef void (*wr_dial_fn)(void *ud, int fd, SSL *ssl, const char *err);
+/* Why a dial failed. */
+typedef enum {
+    WR_DIAL_UNREACHABLE, /* resolution, connect, a closed or broken handshake: worth retrying */
+    WR_DIAL_UNTRUSTED,   /* the server's certificate did not verify, or it does not speak TLS */
+    WR_DIAL_REFUSED,     /* the server refused our client certificate (or wanted one) */
+} wr_dial_failure;
 
-/* Starts reaching host:port; with tls, verifies the server's certificate
- * against the system's trusted CAs and host. Returns NULL when out of
- * memory (done is then never called). */
+/* fd >= 0 and (for TLS) ssl on success, both the receiver's to close; or
+ * fd -1 with why and a one-line reason. Called from a loop callback, never
+ * from inside wr_dial_start. */
+typedef void (*wr_dial_fn)(void *ud, int fd, SSL *ssl, wr_dial_failure why, const char *err);
+
+/* Sets up TLS for the dials that follow: the CAs trusted (the PEM file
+ * ca_file, or the system's when NULL) and the client certificate chain and
+ * key presented (both PEM files, or both NULL). Returns 0, or -1 with a
+ * one-line message in err. Without a call, the system's CAs and no client
+ * certificate. */
+int wr_dial_tls_setup(const char *ca_file, const char *cert_file, const char *key_file, char *err,
+                      size_t errlen);
+
+/* Whether dials present a client certificate (wr_dial_tls_setup). */
+bool wr_dial_client_cert(void);
+
+/* Whether the OpenSSL error e is the server's alert refusing our
+ * certificate (bad, unknown CA, expired, required but missing...): in TLS
+ * 1.3 it comes only with the first read after the handshake. */
+bool wr_dial_refused_alert(unsigned long e);
+
+/* Starts reaching host:port, each of its addresses in turn; with tls,
+ * verifies the server's certificate against the trusted CAs and host.
+ * Returns NULL when out of memory (done is then never called). */
 wr_dial *wr_dial_start(struct ev_loop *loop, const char *host, int port, bool tls, wr_dial_fn done,
                        void *ud);
 

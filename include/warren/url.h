@@ -5,7 +5,11 @@
 #ifndef WARREN_URL_H
 #define WARREN_URL_H
 
+#include <stdbool.h>
 #include <stddef.h>
+
+/* Whether url gives a password ("user:password@", even an empty one). */
+bool wr_url_names_password(const char *url);
 
 /* Copies the n bytes of url into out (NUL-terminated, cut to outlen) with
  * its password, if any, replaced by "***". Errs on the side of hiding: a
