@@ -1,6 +1,7 @@
 -- The loop never waits on the broker: a memory alarm, a black-holed path, a
 -- silent host, a re-declared queue and a frozen broker leave jobs, heartbeats
--- and signals going, and exit 0 only when the broker has seen every ack.
+-- and signals going, and exit 0 only when the broker has seen every ack. A
+-- host name's addresses are tried in turn.
 local H = require "support.helper"
 
 -- Records the largest gap between the ticks of a job that sleeps 0.1 s n times.
@@ -180,6 +181,29 @@ describe("the broker cannot hold the loop", function()
     end
     assert.equal(0, H.term(proc))
     assert.equal(0, (H.depth(q)))
+  end)
+
+  it("tries a host name's addresses one by one", function()
+    -- A hosts file of its own (nss_wrapper) gives the name two addresses: nothing listens
+    -- on the first, the broker on the second.
+    local hosts = H.tmpdir() .. "/hosts"
+    H.write_file(hosts, "127.0.0.2 two-addresses.test\n127.0.0.1 two-addresses.test\n")
+    local q = H.queue("addresses")
+    local rec = H.record_file()
+    local port = assert(H.url:match(":(%d+)/?$"))
+    local proc = H.spawn({ H.warren_bin, "--url", "amqp://guest:guest@two-addresses.test:" .. port,
+      "-q", q, "--log-level", "debug", H.script(H.RECORD_LUA .. [[
+        function handle(body, msg) record("done", msg.message_id) end]]) },
+      { env = { LD_PRELOAD = "libnss_wrapper.so", NSS_WRAPPER_HOSTS = hosts,
+        NSS_WRAPPER_PASSWD = "/etc/passwd", NSS_WRAPPER_GROUP = "/etc/group",
+        [H.RECORD_ENV] = rec }, unset = H.WARREN_OPTION_VARS })
+    proc:wait_log("two%-addresses%.test %(127%.0%.0%.2 port " .. port .. "%): .*trying its next address", 10)
+    proc:wait_log("consuming '", 10)
+    local ids = H.publish(q, 2)
+    H.wait_until(function() return #H.records(rec) == 2 end, 10, "both handled")
+    assert.same(ids, H.ids(H.records(rec)))
+    proc:signal("TERM")
+    assert.equal(0, proc:wait(10), proc:log())
   end)
 
   it("exits 75, never 0, when a frozen broker cannot confirm the close", function()

@@ -15,6 +15,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "warren/log.h"
+
 /* A name lookup shared by the dial and its thread; whoever finishes last
  * frees it (see the header). */
 typedef struct lookup {
@@ -38,6 +40,7 @@ struct wr_dial {
     lookup *lk;
     ev_async wake;
     struct addrinfo *addrs, *next; /* the addresses, the next to try */
+    struct addrinfo *cur;          /* the one being tried */
     int fd;
     SSL *ssl;
     ev_io io;
@@ -254,6 +257,18 @@ static void connected(wr_dial *d) {
 
 static void try_next(wr_dial *d);
 
+/* The address being tried could not be reached: remembered as the error,
+ * and said when another address is left to try. */
+static void address_failed(wr_dial *d, int err) {
+    snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(err));
+    char host[64] = "?", port[16] = "";
+    getnameinfo(d->cur->ai_addr, d->cur->ai_addrlen, host, sizeof host, port, sizeof port,
+                NI_NUMERICHOST | NI_NUMERICSERV);
+    if (d->next)
+        wr_debug("%s (%s port %s): %s; trying its next address", d->host, host, port,
+                 strerror(err));
+}
+
 static void connect_cb(struct ev_loop *loop, ev_io *w, int revents) {
     (void)revents;
     wr_dial *d = w->data;
@@ -264,7 +279,7 @@ static void connect_cb(struct ev_loop *loop, ev_io *w, int revents) {
         connected(d);
         return;
     }
-    snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(soerr ? soerr : errno));
+    address_failed(d, soerr ? soerr : errno);
     close(d->fd);
     d->fd = -1;
     try_next(d);
@@ -275,9 +290,10 @@ static void try_next(wr_dial *d) {
     while (d->next) {
         struct addrinfo *ai = d->next;
         d->next = ai->ai_next;
+        d->cur = ai;
         int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (fd < 0) {
-            snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(errno));
+            address_failed(d, errno);
             continue;
         }
         fcntl(fd, F_SETFD, FD_CLOEXEC);
@@ -293,7 +309,7 @@ static void try_next(wr_dial *d) {
             ev_io_start(d->loop, &d->io);
             return;
         }
-        snprintf(d->err, sizeof d->err, "cannot connect: %s", strerror(errno));
+        address_failed(d, errno);
         close(fd);
         d->fd = -1;
     }
