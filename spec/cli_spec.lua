@@ -374,12 +374,14 @@ describe("warren --help and --version", function()
     local table_text = assert(contract:match("\n## Exit codes\n(.-)\n\n"), "no exit code table")
     local codes = {}
     for code in table_text:gmatch("\n| (%d+) |") do codes[#codes + 1] = code end
-    assert.same({ "0", "64", "69", "75", "77", "78" }, codes)
+    assert.same({ "0", "64", "69", "75", "76", "77", "78" }, codes)
     local _, out = H.run({ "--help" }, { split = true })
     for _, code in ipairs(codes) do
       assert.matches("\n  " .. code .. " +%a", out)
     end
-    assert.matches("77  the broker refused the credentials or the vhost", out, 1, true)
+    assert.matches("76  TLS: the broker's certificate is not trusted", out, 1, true)
+    assert.matches("77  the broker refused the credentials, the client certificate or the vhost",
+      out, 1, true)
     assert.matches("78  the script does not load or has no handle", out, 1, true)
     assert.matches("warren try exits 0 when every body was acked, 1 otherwise, 75 when interrupted",
       out, 1, true)
