@@ -575,8 +575,10 @@ function H.unique_name(prefix)
 end
 
 -- H.queue(prefix, opts) -> name [, dlq]. Declares a new durable queue with a unique name.
--- With opts.dead_letter, also declares name..".dlq" and makes it the queue's dead-letter
--- queue (via the default exchange); it is returned as the second value.
+-- With opts.dead_letter, also declares name..".dlq" (a classic queue) and makes it the queue's
+-- dead-letter queue (via the default exchange); it is returned as the second value.
+-- opts.quorum makes it a quorum queue, with opts.delivery_limit (x-delivery-limit) and
+-- opts.single_active (x-single-active-consumer) if given.
 function H.queue(prefix, opts)
   opts = opts or {}
   local name = H.unique_name(prefix)
@@ -586,6 +588,16 @@ function H.queue(prefix, opts)
     dlq = name .. ".dlq"
     args[#args + 1] = "--dead-letter"
     args[#args + 1] = dlq
+  end
+  if opts.quorum then
+    args[#args + 1] = "--quorum"
+  end
+  if opts.delivery_limit then
+    args[#args + 1] = "--delivery-limit"
+    args[#args + 1] = opts.delivery_limit
+  end
+  if opts.single_active then
+    args[#args + 1] = "--single-active"
   end
   wtool_ok(args)
   return name, dlq

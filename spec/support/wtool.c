@@ -2,6 +2,9 @@
  * wtool: a small AMQP client for the specs and benchmarks of warren.
  *
  *   wtool [--url URL] [--timeout S] declare QUEUE [--dead-letter DLQ] [--fresh]
+ *         [--quorum [--delivery-limit N] [--single-active]]
+ *         (a quorum queue, x-queue-type=quorum, with x-delivery-limit and
+ *         x-single-active-consumer if given; a DLQ stays classic)
  *   wtool [--url URL] [--timeout S] delete QUEUE
  *   wtool [--url URL] [--timeout S] publish QUEUE --count N [--prefix P]
  *         [--body STR | --body-file FILE | --body-size BYTES] [--header K=V]... [--expiration MS]
@@ -46,11 +49,14 @@ struct options {
     const char *body;
     const char *body_file;
     const char *expiration;
-    long long body_size; /* -1: not given */
-    long long count;     /* -1: not given */
-    long long max;       /* -1: no limit */
+    long long body_size;      /* -1: not given */
+    long long count;          /* -1: not given */
+    long long max;            /* -1: no limit */
+    long long delivery_limit; /* -1: not given */
     double timeout;
     int fresh;
+    int quorum;
+    int single_active;
     int nheaders;
     char *header_keys[MAX_HEADERS];
     char *header_values[MAX_HEADERS];
@@ -126,6 +132,7 @@ static void parse_args(int argc, char **argv, struct options *o) {
     o->body_size = -1;
     o->count = -1;
     o->max = -1;
+    o->delivery_limit = -1;
     o->timeout = 120;
     current_step = "arguments";
     for (int i = 1; i < argc; i++) {
@@ -142,6 +149,12 @@ static void parse_args(int argc, char **argv, struct options *o) {
             o->dead_letter = need_value(argc, argv, &i);
         } else if (strcmp(a, "--fresh") == 0) {
             o->fresh = 1;
+        } else if (strcmp(a, "--quorum") == 0) {
+            o->quorum = 1;
+        } else if (strcmp(a, "--delivery-limit") == 0) {
+            o->delivery_limit = parse_int(a, need_value(argc, argv, &i), 0);
+        } else if (strcmp(a, "--single-active") == 0) {
+            o->single_active = 1;
         } else if (strcmp(a, "--count") == 0) {
             o->count = parse_int(a, need_value(argc, argv, &i), 0);
         } else if (strcmp(a, "--prefix") == 0) {
@@ -186,6 +199,8 @@ static void parse_args(int argc, char **argv, struct options *o) {
     if (o->url == NULL || o->url[0] == '\0') die("no broker: pass --url or set WARREN_TEST_URL");
     if ((o->body != NULL) + (o->body_file != NULL) + (o->body_size >= 0) > 1)
         die("give only one of --body, --body-file, --body-size");
+    if (!o->quorum && (o->delivery_limit >= 0 || o->single_active))
+        die("--delivery-limit and --single-active need --quorum");
 }
 
 /* ---------------------------------------------------------------- connection */
@@ -289,25 +304,38 @@ static void declare_queue(amqp_connection_state_t conn, const char *queue, amqp_
     check_reply(amqp_get_rpc_reply(conn), queue);
 }
 
+/* Appends one queue argument to args (whose entries hold room for it). */
+static void add_arg(amqp_table_t *args, const char *key, amqp_field_value_t value) {
+    amqp_table_entry_t *e = &args->entries[args->num_entries++];
+    e->key = amqp_cstring_bytes(key);
+    e->value = value;
+}
+
+static amqp_field_value_t text_value(const char *text) {
+    return (amqp_field_value_t){.kind = AMQP_FIELD_KIND_UTF8,
+                                .value.bytes = amqp_cstring_bytes(text)};
+}
+
 static int cmd_declare(amqp_connection_state_t conn, const struct options *o) {
     if (o->fresh) {
         delete_queue(conn, o->queue);
         if (o->dead_letter != NULL) delete_queue(conn, o->dead_letter);
     }
-    if (o->dead_letter == NULL) {
-        declare_queue(conn, o->queue, amqp_empty_table);
-        return 0;
+    amqp_table_entry_t entries[5];
+    amqp_table_t args = {.num_entries = 0, .entries = entries};
+    if (o->dead_letter != NULL) {
+        declare_queue(conn, o->dead_letter, amqp_empty_table);
+        add_arg(&args, "x-dead-letter-exchange", text_value(""));
+        add_arg(&args, "x-dead-letter-routing-key", text_value(o->dead_letter));
     }
-    declare_queue(conn, o->dead_letter, amqp_empty_table);
-    amqp_table_entry_t entries[2];
-    entries[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
-    entries[0].value.kind = AMQP_FIELD_KIND_UTF8;
-    entries[0].value.value.bytes = amqp_cstring_bytes("");
-    entries[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
-    entries[1].value.kind = AMQP_FIELD_KIND_UTF8;
-    entries[1].value.value.bytes = amqp_cstring_bytes(o->dead_letter);
-    amqp_table_t args = {.num_entries = 2, .entries = entries};
-    declare_queue(conn, o->queue, args);
+    if (o->quorum) add_arg(&args, "x-queue-type", text_value("quorum"));
+    if (o->delivery_limit >= 0)
+        add_arg(&args, "x-delivery-limit",
+                (amqp_field_value_t){.kind = AMQP_FIELD_KIND_I64, .value.i64 = o->delivery_limit});
+    if (o->single_active)
+        add_arg(&args, "x-single-active-consumer",
+                (amqp_field_value_t){.kind = AMQP_FIELD_KIND_BOOLEAN, .value.boolean = 1});
+    declare_queue(conn, o->queue, args.num_entries > 0 ? args : amqp_empty_table);
     return 0;
 }
 
