@@ -308,13 +308,21 @@ static void channel_closed(wr_broker *b, chan *c, const amqp_channel_close_t *m)
     amqp_channel_close_ok_t ok = {0};
     method(b, c, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
     bool missing = m->reply_code == AMQP_NOT_FOUND && c->phase == C_DECLARING;
-    wr_broker_status st = missing                                ? WR_BROKER_NO_QUEUE
+    /* --declare met a queue with other arguments (a quorum queue, a
+     * dead-letter exchange): no retry can change that. */
+    bool differs = m->reply_code == AMQP_PRECONDITION_FAILED && c->phase == C_DECLARING;
+    wr_broker_status st = missing || differs                     ? WR_BROKER_NO_QUEUE
                           : m->reply_code == AMQP_ACCESS_REFUSED ? WR_BROKER_REFUSED
                                                                  : WR_BROKER_FAILED;
     char why[400];
     if (missing)
         snprintf(why, sizeof why, "queue '%s' not found (create it, or pass --declare)",
                  c->queue->name);
+    else if (differs)
+        snprintf(why, sizeof why,
+                 "queue '%s' exists with other arguments than --declare gives (%.*s); run "
+                 "without --declare to consume it as it is",
+                 c->queue->name, (int)m->reply_text.len, (char *)m->reply_text.bytes);
     else
         snprintf(why, sizeof why, "channel of queue '%s' closed by the broker: %.*s",
                  c->queue->name, (int)m->reply_text.len, (char *)m->reply_text.bytes);

@@ -37,10 +37,13 @@ int wr_retry_copy(wr_message *m, const wr_delivery *d, const char *queue, const 
     amqp_table_entry_t *entries = amqp_pool_alloc(pool, (size_t)(nold + 1) * sizeof *entries);
     if (!entries) return -1;
     int n = 0;
-    size_t hlen = strlen(WR_RETRIES_HEADER);
     for (int i = 0; i < nold; i++) {
+        /* The retries header is set anew; a quorum queue's delivery count
+         * was the original's, and the copy is a new message. */
         amqp_bytes_t k = old->entries[i].key;
-        if (k.len == hlen && !memcmp(k.bytes, WR_RETRIES_HEADER, hlen)) continue;
+        if ((k.len == strlen(WR_RETRIES_HEADER) && !memcmp(k.bytes, WR_RETRIES_HEADER, k.len)) ||
+            (k.len == strlen("x-delivery-count") && !memcmp(k.bytes, "x-delivery-count", k.len)))
+            continue;
         entries[n++] = old->entries[i];
     }
     entries[n].key = amqp_cstring_bytes(WR_RETRIES_HEADER);

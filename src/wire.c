@@ -338,6 +338,7 @@ int wr_wire_publish(wr_wire *w, amqp_channel_t ch, amqp_basic_publish_t *m,
 static void send_close(wr_wire *w, int code, const char *text) {
     amqp_connection_close_t m = {.reply_code = (uint16_t)code,
                                  .reply_text = amqp_cstring_bytes(text)};
+    if (m.reply_text.len > 255) m.reply_text.len = 255; /* a short string */
     send_method(w, 0, AMQP_CONNECTION_CLOSE_METHOD, &m);
 }
 

@@ -21,7 +21,8 @@ long wr_retry_count(const wr_delivery *d);
 
 /* Fills m with the copy of d for delay_queue, whose messages wait delay_ms
  * and then go back to queue: the same body and properties (persistent
- * unless d says otherwise), the retries header set to retries + 1, and,
+ * unless d says otherwise), the retries header set to retries + 1, no
+ * x-delivery-count (the broker's count of the original), and,
  * when d has no message id, `warren-PID-rN` (so that consumers can
  * deduplicate). m points into d, queue, delay_queue and pool. Returns 0,
  * or -1 when out of memory. */

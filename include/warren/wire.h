@@ -29,10 +29,10 @@
 typedef enum {
     WR_BROKER_OK = 0,           /* closed cleanly: both sides completed close */
     WR_BROKER_UNREACHABLE = -1, /* network, refused, timeout, lost: worth retrying */
-    WR_BROKER_REFUSED = -2,     /* wrong credentials, a refused certificate, no access to the vhost */
-    WR_BROKER_NO_QUEUE = -3,    /* the queue does not exist (and --declare is off) */
-    WR_BROKER_FAILED = -4,      /* any other protocol error */
-    WR_BROKER_UNTRUSTED = -5,   /* TLS: the broker's certificate did not verify, or no TLS there */
+    WR_BROKER_REFUSED = -2,   /* wrong credentials, a refused certificate, no access to the vhost */
+    WR_BROKER_NO_QUEUE = -3,  /* the queue does not exist, or differs from what --declare asks */
+    WR_BROKER_FAILED = -4,    /* any other protocol error */
+    WR_BROKER_UNTRUSTED = -5, /* TLS: the broker's certificate did not verify, or no TLS there */
 } wr_broker_status;
 
 typedef struct wr_wire wr_wire;
