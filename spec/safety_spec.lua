@@ -104,6 +104,36 @@ describe("safety", function()
     assert.equal(0, H.term(proc))
   end)
 
+  it("refuses to resume or close another job's coroutine, which is reused once it returned",
+    function()
+    local q = H.queue("othercoroutine")
+    local rec = H.record_file()
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      local first
+      function handle(body, msg)
+        if body == "first" then
+          first = coroutine.running()
+          warren.sleep(0.5)
+          record("woke", msg.message_id)
+        else
+          local ok, err = pcall(coroutine.resume, first, "early")
+          local closed, cerr = pcall(coroutine.close, first)
+          record("tried", msg.message_id, tostring(ok), tostring(closed), (err:gsub("%s", "_")))
+        end
+      end]])
+    local proc = H.worker(script, q, { "--prefetch", 2 }, { [H.RECORD_ENV] = rec })
+    H.publish(q, 1, { prefix = "first", body = "first" })
+    H.publish(q, 1, { prefix = "second", body = "second" })
+    H.wait_until(function() return #H.records(rec) == 2 end, 10, "both jobs")
+    local by = by_id(rec)
+    assert.same({ "tried", "second1", "false", "false" }, { table.unpack(by.tried, 1, 4) })
+    assert.matches("a_job's_own_coroutine_is_resumed_and_closed_by_warren_only", by.tried[5], 1, true)
+    assert.equal("first1", by.woke[2]) -- woke from its own sleep, once
+    assert.equal(0, H.term(proc), proc:log())
+    assert.same({}, H.drain(q))
+  end)
+
   it("keeps serving when a reload sets package to nil", function()
     local q = H.queue("nopkg")
     local rec = H.record_file()

@@ -119,8 +119,8 @@ int wr_dial_tls_setup(const char *ca_file, const char *cert_file, const char *ke
         snprintf(err, errlen, "TLS: cannot set up OpenSSL");
         return -1;
     }
-    const char *const files[][2] = {{"--tls-ca", ca_file}, {"--tls-cert", cert_file},
-                                     {"--tls-key", key_file}};
+    const char *const files[][2] = {
+        {"--tls-ca", ca_file}, {"--tls-cert", cert_file}, {"--tls-key", key_file}};
     for (size_t i = 0; i < 3; i++) {
         FILE *f = files[i][1] ? fopen(files[i][1], "r") : NULL;
         if (files[i][1] && !f) {

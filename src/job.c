@@ -27,13 +27,18 @@ struct wr_job {
     bool running;      /* its coroutine is being resumed */
     bool closing;      /* ending: its coroutine is being closed, no wait may start */
     bool interrupt;    /* the hook ends it: the forced stage came while it computed */
+    bool ended;        /* handle returned: its coroutine is dead and clean */
     double expires;    /* monotonic time of its --job-timeout, 0 for none */
     double started;
     char *error; /* the first failure's message, or NULL */
     double resumed_at;
-    wr_job *prev, *next; /* all running jobs */
-    wr_job *next_ready;  /* jobs to resume on the next loop turn */
+    wr_job *prev, *next;             /* all running jobs */
+    wr_job *prev_ready, *next_ready; /* jobs to resume on the next loop turn */
+    bool queued;                     /* on that list */
 };
+
+/* Finished jobs' structs kept for the next ones, at most this many. */
+#define SPARE_JOBS 256
 
 struct wr_sched {
     struct ev_loop *loop;
@@ -42,12 +47,15 @@ struct wr_sched {
     wr_job *jobs;
     size_t running;
     wr_job *ready, *ready_tail; /* jobs that gave up a time slice */
-    ev_idle idle;               /* keeps the loop from blocking while jobs are ready */
-    ev_check check;             /* resumes ready jobs after each poll */
-    double job_timeout;         /* seconds, 0 = none */
-    bool virtual_time;          /* sleeps are skipped, and counted in skipped */
-    double skipped;             /* seconds of sleep skipped so far */
-    wr_job *current;            /* the job being resumed: its lua_resume is on the C stack */
+    size_t nready;
+    wr_job *spare; /* freed job structs, linked by next */
+    size_t nspare;
+    ev_idle idle;       /* keeps the loop from blocking while jobs are ready */
+    ev_check check;     /* resumes ready jobs after each poll */
+    double job_timeout; /* seconds, 0 = none */
+    bool virtual_time;  /* sleeps are skipped, and counted in skipped */
+    double skipped;     /* seconds of sleep skipped so far */
+    wr_job *current;    /* the job being resumed: its lua_resume is on the C stack */
 };
 
 /* The scheduler whose job is running, for the count hook: a hook sees only
@@ -120,29 +128,21 @@ static void time_out(wr_job *j, char *why, size_t len) {
 }
 static void run(wr_job *j, int nargs);
 
+static void unready(wr_job *j);
+
 static void check_cb(struct ev_loop *loop, ev_check *w, int revents) {
     (void)revents;
     wr_sched *s = w->data;
     /* Only the jobs ready now, and for one time slice in all: a job that
-     * yields again waits for the next turn, and so do those not reached. */
-    wr_job *batch = s->ready;
-    s->ready = s->ready_tail = NULL;
+     * yields again joins the end of the list and waits for the next turn;
+     * those not reached stay at its head and go first then. */
+    size_t n = s->nready;
     double start = wr_clock();
-    while (batch) {
-        wr_job *j = batch;
-        batch = j->next_ready;
-        j->next_ready = NULL;
+    while (n-- > 0 && s->ready) {
+        wr_job *j = s->ready;
+        unready(j);
         run(j, 0);
-        if (batch && wr_clock() - start >= WR_SLICE_SECONDS) {
-            /* The rest go first next turn, before those that yielded now. */
-            wr_job *last = batch;
-            while (last->next_ready)
-                last = last->next_ready;
-            last->next_ready = s->ready;
-            if (!s->ready) s->ready_tail = last;
-            s->ready = batch;
-            break;
-        }
+        if (wr_clock() - start >= WR_SLICE_SECONDS) break;
     }
     if (!s->ready) {
         ev_idle_stop(loop, &s->idle);
@@ -158,27 +158,33 @@ static void make_ready(wr_job *j) {
     wr_sched *s = j->sched;
     j->wait = WR_WAIT_SLICE;
     j->next_ready = NULL;
+    j->prev_ready = s->ready_tail;
     if (s->ready_tail)
         s->ready_tail->next_ready = j;
     else
         s->ready = j;
     s->ready_tail = j;
+    j->queued = true;
+    s->nready++;
     ev_idle_start(s->loop, &s->idle);
     ev_check_start(s->loop, &s->check);
 }
 
+/* Takes j off the ready list, if it is there. */
 static void unready(wr_job *j) {
+    if (!j->queued) return;
     wr_sched *s = j->sched;
-    wr_job **p = &s->ready;
-    wr_job *prev = NULL;
-    while (*p && *p != j) {
-        prev = *p;
-        p = &(*p)->next_ready;
-    }
-    if (!*p) return;
-    *p = j->next_ready;
-    if (s->ready_tail == j) s->ready_tail = prev;
-    j->next_ready = NULL;
+    if (j->prev_ready)
+        j->prev_ready->next_ready = j->next_ready;
+    else
+        s->ready = j->next_ready;
+    if (j->next_ready)
+        j->next_ready->prev_ready = j->prev_ready;
+    else
+        s->ready_tail = j->prev_ready;
+    j->prev_ready = j->next_ready = NULL;
+    j->queued = false;
+    s->nready--;
 }
 
 void wr_job_hook(lua_State *L, lua_Debug *ar) {
@@ -232,6 +238,11 @@ void wr_sched_free(wr_sched *s) {
     if (!s) return;
     ev_idle_stop(s->loop, &s->idle);
     ev_check_stop(s->loop, &s->check);
+    while (s->spare) {
+        wr_job *j = s->spare;
+        s->spare = j->next;
+        free(j);
+    }
     free(s);
 }
 
@@ -290,6 +301,13 @@ static int prepare(lua_State *L) {
         lua_pushstring(L, a->d->queue);
         lua_setfield(L, -2, "queue");
     }
+    if (a->vm->nidle > 0) { /* a finished job's coroutine, empty and ready */
+        wr_vm_thread t = a->vm->idle[--a->vm->nidle];
+        a->co = t.co;
+        a->ref = t.ref;
+        lua_xmove(L, a->co, 3);
+        return 0;
+    }
     a->co = lua_newthread(L);
     lua_insert(L, -4);
     lua_xmove(L, a->co, 3);
@@ -312,7 +330,14 @@ int wr_job_start(wr_sched *s, wr_vm *vm, wr_delivery *d, char *err, size_t errle
         lua_pop(L, 1);
         return rc == LUA_ERRMEM ? -1 : -2;
     }
-    wr_job *j = calloc(1, sizeof *j);
+    wr_job *j = s->spare;
+    if (j) {
+        s->spare = j->next;
+        s->nspare--;
+        memset(j, 0, sizeof *j);
+    } else {
+        j = calloc(1, sizeof *j);
+    }
     if (!j) {
         luaL_unref(L, LUA_REGISTRYINDEX, a.ref);
         snprintf(err, errlen, "not enough memory");
@@ -424,6 +449,7 @@ static void run(wr_job *j, int nargs) {
         return;
     }
     if (status == LUA_OK) {
+        j->ended = true;
         finish(j, j->decided >= 0 ? (wr_outcome)j->decided : WR_OUT_ACK, false);
         return;
     }
@@ -478,7 +504,10 @@ static void finish(wr_job *j, wr_outcome outcome, bool failed) {
         j->cancel = NULL;
         cancel(j, j->wait_data);
     }
-    close_coroutine(j, failed);
+    /* A coroutine that returned has nothing left to close: it is kept, as
+     * it is, for another job of its version. */
+    bool returned = j->ended;
+    if (!returned) close_coroutine(j, failed);
     *job_slot(j->co) = NULL;
     if (j->prev)
         j->prev->next = j->next;
@@ -487,10 +516,17 @@ static void finish(wr_job *j, wr_outcome outcome, bool failed) {
     if (j->next) j->next->prev = j->prev;
     s->running--;
     s->done(s->ud, j, outcome);
-    luaL_unref(j->vm->L, LUA_REGISTRYINDEX, j->co_ref);
+    if (!returned || wr_vm_keep_thread(j->vm, j->co, j->co_ref))
+        luaL_unref(j->vm->L, LUA_REGISTRYINDEX, j->co_ref);
     wr_vm_unref(j->vm);
     free(j->error);
-    free(j);
+    if (s->nspare < SPARE_JOBS) {
+        j->next = s->spare;
+        s->spare = j;
+        s->nspare++;
+    } else {
+        free(j);
+    }
 }
 
 void wr_sched_interrupt_all(wr_sched *s) {

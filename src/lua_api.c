@@ -104,11 +104,34 @@ static int l_no_exit(lua_State *L) {
                          "raise an error, to end a job");
 }
 
+/* coroutine.resume and coroutine.close (the original is upvalue 1), for
+ * any coroutine but a job's own: the host resumes a job where it waits, and
+ * one resumed from another job would run on past its wait, or end unseen.
+ * (A job's coroutine is reused by a later job once it returned.) */
+static int l_guarded(lua_State *L) {
+    lua_State *co = lua_tothread(L, 1);
+    if (co && wr_job_current(co) && co != L)
+        return luaL_error(L, "a job's own coroutine is resumed and closed by warren only");
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
 void wr_lua_open(wr_vm *vm) {
     lua_State *L = vm->L;
     if (lua_getglobal(L, "os") == LUA_TTABLE) {
         lua_pushcfunction(L, l_no_exit);
         lua_setfield(L, -2, "exit");
+    }
+    lua_pop(L, 1);
+    if (lua_getglobal(L, "coroutine") == LUA_TTABLE) {
+        static const char *const guarded[] = {"resume", "close"};
+        for (int i = 0; i < 2; i++) {
+            lua_getfield(L, -1, guarded[i]);
+            lua_pushcclosure(L, l_guarded, 1);
+            lua_setfield(L, -2, guarded[i]);
+        }
     }
     lua_pop(L, 1);
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);

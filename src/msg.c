@@ -87,6 +87,29 @@ static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
     }
 }
 
+/* The headers of every message without any: one empty table per state,
+ * read-only, rather than a new one per message. */
+static const char no_headers_key = 'h';
+
+static int refuse_header(lua_State *L) {
+    return luaL_error(L, "msg.headers is read-only for a message without headers "
+                         "(make a new table to publish some)");
+}
+
+static void push_no_headers(lua_State *L) {
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &no_headers_key) == LUA_TTABLE) return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, refuse_header);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &no_headers_key);
+}
+
 #define SET_BYTES(flag, field, name)                                                               \
     if (p->_flags & (flag)) {                                                                      \
         push_bytes(L, p->field);                                                                   \
@@ -95,7 +118,15 @@ static void push_table(lua_State *L, const amqp_table_t *t, int depth) {
 
 void wr_push_msg(lua_State *L, const wr_delivery *d) {
     const amqp_basic_properties_t *p = &d->props;
-    lua_createtable(L, 0, 12);
+    /* The fields always there, the queue, and each property present. */
+    int n = 7 + __builtin_popcount(
+                    p->_flags & (AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_CONTENT_ENCODING_FLAG |
+                                 AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_PRIORITY_FLAG |
+                                 AMQP_BASIC_CORRELATION_ID_FLAG | AMQP_BASIC_REPLY_TO_FLAG |
+                                 AMQP_BASIC_EXPIRATION_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG |
+                                 AMQP_BASIC_TIMESTAMP_FLAG | AMQP_BASIC_TYPE_FLAG |
+                                 AMQP_BASIC_USER_ID_FLAG | AMQP_BASIC_APP_ID_FLAG));
+    lua_createtable(L, 0, n + 1); /* and delivery_count, maybe */
     push_bytes(L, d->routing_key);
     lua_setfield(L, -2, "routing_key");
     push_bytes(L, d->exchange);
@@ -139,7 +170,7 @@ void wr_push_msg(lua_State *L, const wr_delivery *d) {
             lua_setfield(L, -3, "delivery_count");
         }
     } else {
-        lua_newtable(L);
+        push_no_headers(L);
     }
     lua_setfield(L, -2, "headers");
 }

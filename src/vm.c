@@ -110,6 +110,24 @@ wr_vm *wr_vm_new(unsigned version, const wr_ctx *ctx) {
     return vm;
 }
 
+/* Coroutines kept at most per version: enough for a busy prefetch, not the
+ * peak of a burst of sleeping jobs. */
+#define IDLE_THREADS 256
+
+int wr_vm_keep_thread(wr_vm *vm, lua_State *co, int ref) {
+    if (vm->nidle == vm->idle_cap) {
+        if (vm->idle_cap == IDLE_THREADS) return -1;
+        size_t cap = vm->idle_cap ? vm->idle_cap * 2 : 16;
+        wr_vm_thread *grown = realloc(vm->idle, cap * sizeof *grown);
+        if (!grown) return -1;
+        vm->idle = grown;
+        vm->idle_cap = cap;
+    }
+    lua_settop(co, 0);
+    vm->idle[vm->nidle++] = (wr_vm_thread){co, ref};
+    return 0;
+}
+
 void wr_vm_ref(wr_vm *vm) {
     vm->refs++;
 }
@@ -124,5 +142,6 @@ void wr_vm_unref(wr_vm *vm) {
     for (size_t i = 0; i < vm->nfiles; i++)
         free(vm->files[i].path);
     free(vm->files);
+    free(vm->idle);
     free(vm);
 }

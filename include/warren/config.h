@@ -48,8 +48,8 @@ typedef struct wr_config {
     wr_on_error on_error;   /* what a failed job's message becomes */
     double job_timeout;     /* seconds a job may run before it fails, 0 = no limit */
     int memory_limit;       /* MiB each script version's Lua state may hold, 0 = no limit */
-    const char *tls_ca;   /* --tls-ca: the CAs to trust instead of the system's, or NULL */
-    const char *tls_cert; /* --tls-cert and --tls-key: the client certificate, or NULL */
+    const char *tls_ca;     /* --tls-ca: the CAs to trust instead of the system's, or NULL */
+    const char *tls_cert;   /* --tls-cert and --tls-key: the client certificate, or NULL */
     const char *tls_key;
     bool declare;
     bool watch;            /* reload when the script changes */

@@ -29,6 +29,13 @@ typedef struct wr_vm_memory {
     bool enforced;
 } wr_vm_memory;
 
+/* A finished job's coroutine kept for another job: dead after a normal
+ * return, so it starts afresh, and held by its registry reference. */
+typedef struct wr_vm_thread {
+    lua_State *co;
+    int ref;
+} wr_vm_thread;
+
 typedef struct wr_vm {
     lua_State *L;
     wr_vm_memory mem;
@@ -39,6 +46,8 @@ typedef struct wr_vm {
     const wr_ctx *ctx;    /* what its warren module may use; never NULL */
     wr_vm_file *files;    /* the script and the modules it required from its own directory */
     size_t nfiles;
+    wr_vm_thread *idle; /* coroutines to reuse (wr_vm_keep_thread), the last first */
+    size_t nidle, idle_cap;
 } wr_vm;
 
 /* A fresh Lua state as the given version, with no library opened yet and
@@ -61,6 +70,11 @@ void wr_vm_set_memory_limit(int megabytes);
  * coroutine, its msg table, results handed to a job), nothing is refused,
  * so the host never meets a memory error it could not catch. */
 bool wr_vm_limit_memory(wr_vm *vm, bool on);
+
+/* Keeps co, a job's coroutine that returned normally (referenced by ref),
+ * for the next job of vm, its stack emptied. Returns 0, or -1 when vm keeps
+ * enough already (the caller then drops ref). */
+int wr_vm_keep_thread(wr_vm *vm, lua_State *co, int ref);
 
 /* Adds a reference. */
 void wr_vm_ref(wr_vm *vm);
