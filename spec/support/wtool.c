@@ -1,7 +1,8 @@
 /*
  * wtool: a small AMQP client for the specs and benchmarks of warren.
  *
- *   wtool [--url URL] [--timeout S] declare QUEUE [--dead-letter DLQ] [--fresh]
+ *   wtool [--url URL] [--timeout S] declare QUEUE [--dead-letter DLQ] [--fresh] [--type TYPE]
+ *         (--type: the x-queue-type argument, e.g. quorum; a dead-letter queue stays classic)
  *   wtool [--url URL] [--timeout S] delete QUEUE
  *   wtool [--url URL] [--timeout S] publish QUEUE --count N [--prefix P]
  *         [--body STR | --body-file FILE | --body-size BYTES] [--header K=V]... [--expiration MS]
@@ -42,6 +43,7 @@ struct options {
     const char *queue;
     const char *url;
     const char *dead_letter;
+    const char *queue_type; /* --type: NULL when not given */
     const char *prefix;
     const char *body;
     const char *body_file;
@@ -142,6 +144,8 @@ static void parse_args(int argc, char **argv, struct options *o) {
             o->dead_letter = need_value(argc, argv, &i);
         } else if (strcmp(a, "--fresh") == 0) {
             o->fresh = 1;
+        } else if (strcmp(a, "--type") == 0) {
+            o->queue_type = need_value(argc, argv, &i);
         } else if (strcmp(a, "--count") == 0) {
             o->count = parse_int(a, need_value(argc, argv, &i), 0);
         } else if (strcmp(a, "--prefix") == 0) {
@@ -294,20 +298,24 @@ static int cmd_declare(amqp_connection_state_t conn, const struct options *o) {
         delete_queue(conn, o->queue);
         if (o->dead_letter != NULL) delete_queue(conn, o->dead_letter);
     }
-    if (o->dead_letter == NULL) {
-        declare_queue(conn, o->queue, amqp_empty_table);
-        return 0;
+    amqp_table_entry_t entries[3];
+    int n = 0;
+    if (o->dead_letter != NULL) {
+        declare_queue(conn, o->dead_letter, amqp_empty_table);
+        entries[n].key = amqp_cstring_bytes("x-dead-letter-exchange");
+        entries[n].value.kind = AMQP_FIELD_KIND_UTF8;
+        entries[n++].value.value.bytes = amqp_cstring_bytes("");
+        entries[n].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+        entries[n].value.kind = AMQP_FIELD_KIND_UTF8;
+        entries[n++].value.value.bytes = amqp_cstring_bytes(o->dead_letter);
     }
-    declare_queue(conn, o->dead_letter, amqp_empty_table);
-    amqp_table_entry_t entries[2];
-    entries[0].key = amqp_cstring_bytes("x-dead-letter-exchange");
-    entries[0].value.kind = AMQP_FIELD_KIND_UTF8;
-    entries[0].value.value.bytes = amqp_cstring_bytes("");
-    entries[1].key = amqp_cstring_bytes("x-dead-letter-routing-key");
-    entries[1].value.kind = AMQP_FIELD_KIND_UTF8;
-    entries[1].value.value.bytes = amqp_cstring_bytes(o->dead_letter);
-    amqp_table_t args = {.num_entries = 2, .entries = entries};
-    declare_queue(conn, o->queue, args);
+    if (o->queue_type != NULL) {
+        entries[n].key = amqp_cstring_bytes("x-queue-type");
+        entries[n].value.kind = AMQP_FIELD_KIND_UTF8;
+        entries[n++].value.value.bytes = amqp_cstring_bytes(o->queue_type);
+    }
+    amqp_table_t args = {.num_entries = n, .entries = entries};
+    declare_queue(conn, o->queue, n > 0 ? args : amqp_empty_table);
     return 0;
 }
 
