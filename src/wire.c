@@ -147,6 +147,19 @@ static ssize_t tx(wr_wire *w, const void *buf, size_t n) {
     return r;
 }
 
+/* During a TLS login, the broker's alert refusing our certificate, if it
+ * sent one: in TLS 1.3 it follows the handshake, and a write may fail on
+ * the closed connection before a read has seen it. Returns the OpenSSL
+ * error, or 0. */
+static unsigned long refusal(wr_wire *w) {
+    if (!w->ssl || w->state != W_HANDSHAKE) return 0;
+    unsigned char scratch[64];
+    ERR_clear_error();
+    if (SSL_read(w->ssl, scratch, sizeof scratch) > 0) return 0;
+    unsigned long e = ERR_peek_last_error();
+    return wr_dial_refused_alert(e) ? e : 0;
+}
+
 /* Writes as much of the outbox as the socket takes now, up to a budget per
  * call (a broker reading as fast as we write would otherwise keep the loop
  * here for a whole large message); the rest waits for writability. Never
@@ -166,7 +179,13 @@ static void flush(wr_wire *w) {
             return;
         }
         if (n < 0) {
-            lose(w, WR_BROKER_UNREACHABLE, "writing: %s", strerror(errno));
+            int e = errno;
+            unsigned long alert = refusal(w);
+            if (alert)
+                lose(w, WR_BROKER_REFUSED, "TLS: the broker refused the client certificate (%s)",
+                     ERR_reason_error_string(alert));
+            else
+                lose(w, WR_BROKER_UNREACHABLE, "writing: %s", strerror(e));
             return;
         }
         w->last_out = ev_time(); /* not the loop's cached time: a job may have run long since */
