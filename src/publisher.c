@@ -51,8 +51,13 @@ struct wr_publisher {
     char *url, *user;
     int heartbeat;
     uint64_t next_id, next_seq;
-    msg *queued, *queued_tail;     /* not written yet */
-    msg *inflight, *inflight_tail; /* written, waiting for the confirm, by seq */
+    msg *queued, *queued_tail; /* not written yet */
+    /* Written, waiting for the confirm: ring[seq & (ring_cap - 1)], for
+     * every seq from ring_base to next_seq (NULL once confirmed). */
+    msg **ring;
+    size_t ring_cap; /* a power of two, or 0 */
+    uint64_t ring_base;
+    size_t ninflight;
     need *needs;
     /* A basic.return and its content, matched once the body is complete. */
     bool in_return;
@@ -132,15 +137,34 @@ static void complete(wr_publisher *p, msg *list, const char *err) {
     }
 }
 
+static msg **slot(const wr_publisher *p, uint64_t seq) {
+    return &p->ring[seq & (p->ring_cap - 1)];
+}
+
+/* Takes every publish in flight off the ring, in order, as a list. */
+static msg *take_inflight(wr_publisher *p) {
+    msg *list = NULL, **tail = &list;
+    for (uint64_t seq = p->ring_base; p->ninflight > 0 && seq <= p->next_seq; seq++) {
+        msg *m = *slot(p, seq);
+        if (!m) continue;
+        *slot(p, seq) = NULL;
+        p->ninflight--;
+        m->next = NULL;
+        *tail = m;
+        tail = &m->next;
+    }
+    p->ninflight = 0;
+    return list;
+}
+
 /* The connection is over: every publish fails with why (none when
  * silent, for an abort). */
 static void fail_all(wr_publisher *p, const char *why, bool silent) {
-    msg *list = p->inflight;
-    if (list)
-        p->inflight_tail->next = p->queued;
-    else
-        list = p->queued;
-    p->inflight = p->inflight_tail = p->queued = p->queued_tail = NULL;
+    msg *list = take_inflight(p), **end = &list;
+    while (*end)
+        end = &(*end)->next;
+    *end = p->queued;
+    p->queued = p->queued_tail = NULL;
     free_needs(p);
     clear_return(p);
     p->state = P_DOWN;
@@ -160,6 +184,7 @@ void wr_publisher_free(wr_publisher *p) {
     if (!p) return;
     wr_publisher_abort(p);
     wr_wire_free(p->wire);
+    free(p->ring);
     free(p->url);
     free(p->user);
     free(p);
@@ -242,15 +267,29 @@ static int write_msg(wr_publisher *p, msg *m, amqp_bytes_t body, bool borrow) {
     return wr_wire_publish(p->wire, PUBLISH, &pm, &m->props, body, m->borrowed ? m : NULL);
 }
 
-/* Appends a written m to the publishes waiting for their confirm. */
+/* Makes room on the ring for one more publish in flight, before it is
+ * written. Returns 0, or -1 when out of memory. */
+static int reserve(wr_publisher *p) {
+    if (p->ninflight == 0) p->ring_base = p->next_seq + 1;
+    if (p->next_seq + 1 - p->ring_base < p->ring_cap) return 0;
+    size_t cap = p->ring_cap ? p->ring_cap * 2 : 64;
+    msg **ring = calloc(cap, sizeof *ring);
+    if (!ring) return -1;
+    for (uint64_t seq = p->ring_base; p->ring_cap && seq <= p->next_seq; seq++)
+        ring[seq & (cap - 1)] = *slot(p, seq);
+    free(p->ring);
+    p->ring = ring;
+    p->ring_cap = cap;
+    return 0;
+}
+
+/* Puts a written m, room reserved, with the publishes waiting for their
+ * confirm. */
 static void in_flight(wr_publisher *p, msg *m) {
     m->seq = ++p->next_seq;
     m->next = NULL;
-    if (p->inflight_tail)
-        p->inflight_tail->next = m;
-    else
-        p->inflight = m;
-    p->inflight_tail = m;
+    *slot(p, m->seq) = m;
+    p->ninflight++;
 }
 
 /* Writes every queued publish whose needs are met, in order. Never calls
@@ -265,7 +304,7 @@ static void write_queued(wr_publisher *p) {
             link = &m->next;
             continue;
         }
-        if (write_msg(p, m, m->body, false)) return;
+        if (reserve(p) || write_msg(p, m, m->body, false)) return;
         *link = m->next;
         if (p->queued_tail == m) p->queued_tail = prev;
         free(m->body.bytes);
@@ -330,7 +369,7 @@ uint64_t wr_publisher_send(wr_publisher *p, const wr_message *in, wr_confirm_fn 
     /* Nothing before it and nothing to wait for: straight to the wire,
      * without a copy of the body of our own. */
     if (p->state == P_READY && !p->queued && (!m->need || m->need->state == NEED_MET) &&
-        write_msg(p, m, in->body, true) == 0) {
+        reserve(p) == 0 && write_msg(p, m, in->body, true) == 0) {
         in_flight(p, m);
         return m->id;
     }
@@ -362,8 +401,9 @@ void wr_publisher_forget(wr_publisher *p, uint64_t id) {
     }
     /* Written already: it keeps its place for the sequence numbers, and the
      * wire lets go of the caller's bytes. */
-    for (msg *m = p->inflight; m; m = m->next) {
-        if (m->id != id) continue;
+    for (uint64_t seq = p->ring_base; p->ninflight > 0 && seq <= p->next_seq; seq++) {
+        msg *m = *slot(p, seq);
+        if (!m || m->id != id) continue;
         m->cb = NULL;
         if (m->borrowed) wr_wire_detach(p->wire, m);
         m->borrowed = false;
@@ -384,26 +424,32 @@ static void wire_closed(void *ud, wr_broker_status st, const char *why) {
     (void)st;
     char text[400];
     snprintf(text, sizeof text, "publishing connection: %s", why);
-    if (p->queued || p->inflight) wr_warn("%s", text);
+    if (p->queued || p->ninflight) wr_warn("%s", text);
     fail_all(p, text, false);
 }
 
-/* Confirms every in-flight publish up to seq (or only seq). */
+/* Confirms every in-flight publish up to seq (or only seq), found on the
+ * ring by its number. */
 static void confirm(wr_publisher *p, uint64_t seq, bool multiple, const char *err) {
     msg *done = NULL, **done_tail = &done;
-    msg **link = &p->inflight, *prev = NULL;
-    while (*link && (*link)->seq <= seq) {
-        msg *m = *link;
-        if (!multiple && m->seq != seq) {
-            prev = m;
-            link = &m->next;
-            continue;
+    if (p->ninflight > 0 && seq >= p->ring_base) {
+        if (seq > p->next_seq) {
+            if (!multiple)
+                seq = p->ring_base - 1; /* never sent: nothing to confirm */
+            else
+                seq = p->next_seq;
         }
-        *link = m->next;
-        if (p->inflight_tail == m) p->inflight_tail = prev;
-        m->next = NULL;
-        *done_tail = m;
-        done_tail = &m->next;
+        for (uint64_t s = multiple ? p->ring_base : seq; s <= seq; s++) {
+            msg *m = *slot(p, s);
+            if (!m) continue;
+            *slot(p, s) = NULL;
+            p->ninflight--;
+            m->next = NULL;
+            *done_tail = m;
+            done_tail = &m->next;
+        }
+        while (p->ninflight > 0 && !*slot(p, p->ring_base)) /* the oldest left */
+            p->ring_base++;
     }
     complete(p, done, err);
 }
@@ -416,7 +462,9 @@ static bool same(amqp_bytes_t a, amqp_bytes_t b) {
  * same exchange, routing key, id and body (length and hash), not yet
  * returned, is it. */
 static void match_return(wr_publisher *p) {
-    for (msg *m = p->inflight; m; m = m->next) {
+    for (uint64_t seq = p->ring_base; p->ninflight > 0 && seq <= p->next_seq; seq++) {
+        msg *m = *slot(p, seq);
+        if (!m) continue;
         bool has_id = m->props._flags & AMQP_BASIC_MESSAGE_ID_FLAG;
         if (m->returned || !m->mandatory || has_id != p->ret_has_id ||
             (has_id && !same(m->props.message_id, p->ret_id)) ||
@@ -496,8 +544,7 @@ static void publish_frame(wr_publisher *p, const amqp_frame_t *f) {
         wr_warn("publishing %s", why);
         amqp_channel_close_ok_t ok = {0};
         wr_wire_method(p->wire, PUBLISH, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-        msg *list = p->inflight;
-        p->inflight = p->inflight_tail = NULL;
+        msg *list = take_inflight(p);
         clear_return(p);
         p->state = P_OPENING;
         p->next_seq = 0;
