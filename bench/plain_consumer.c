@@ -4,7 +4,7 @@
  * prefetch, manual acks, one basic.ack per message right after it is consumed, and the library's
  * buffers recycled after each message.
  *
- *   plain_consumer --url URL --queue NAME --prefetch N --count N [--latency]
+ *   plain_consumer --url URL --queue NAME --prefetch N --count N [--latency] [--no-ack]
  *
  * It exits once it has consumed and acked --count messages and prints
  *
@@ -16,6 +16,9 @@
  * instead
  *
  *   latency ms: p50 P50 p99 P99 max MAX (COUNT messages)
+ *
+ * With --no-ack it consumes without acks (and without a prefetch limit): the broker's own
+ * ceiling for delivering to one consumer, which no consumer with acks can pass.
  *
  * Any failure prints one line on stderr and exits 1.
  */
@@ -49,9 +52,13 @@ int main(int argc, char **argv) {
     bench_name = "plain_consumer";
     const char *url = NULL, *queue = NULL;
     long prefetch = 1, count = -1;
-    int latency = 0;
+    int latency = 0, no_ack = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--no-ack")) {
+            no_ack = 1;
+            continue;
+        }
         if (!strcmp(a, "--latency")) {
             latency = 1;
             continue;
@@ -70,12 +77,15 @@ int main(int argc, char **argv) {
             die("unknown option '%s'", a);
     }
     if (!url || !queue || count < 1)
-        die("usage: plain_consumer --url URL --queue NAME --prefetch N --count N [--latency]");
+        die("usage: plain_consumer --url URL --queue NAME --prefetch N --count N [--latency] "
+            "[--no-ack]");
 
     amqp_connection_state_t conn = bench_connect(url);
-    amqp_basic_qos(conn, CHANNEL, 0, (uint16_t)prefetch, 0);
-    check_reply(amqp_get_rpc_reply(conn), "basic.qos");
-    amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0,
+    if (!no_ack) {
+        amqp_basic_qos(conn, CHANNEL, 0, (uint16_t)prefetch, 0);
+        check_reply(amqp_get_rpc_reply(conn), "basic.qos");
+    }
+    amqp_basic_consume(conn, CHANNEL, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, no_ack, 0,
                        amqp_empty_table);
     check_reply(amqp_get_rpc_reply(conn), "basic.consume");
 
@@ -96,7 +106,7 @@ int main(int argc, char **argv) {
             text[len] = '\0';
             lat[n] = clock_seconds(CLOCK_REALTIME) - strtod(text, NULL);
         }
-        int rc = amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0);
+        int rc = no_ack ? AMQP_STATUS_OK : amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0);
         if (rc != AMQP_STATUS_OK) die("basic.ack: %s", amqp_error_string2(rc));
         amqp_destroy_envelope(&env);
         amqp_maybe_release_buffers(conn);
