@@ -67,6 +67,18 @@ local function anchors(text)
   return set
 end
 
+-- The Debian architecture the package is for: a cross build's (WARREN_TEST_ARCH, the name of
+-- its toolchain file), else this machine's.
+local function package_arch()
+  return os.getenv("WARREN_TEST_ARCH") or sh("dpkg --print-architecture"):match("%S+")
+end
+
+-- What file(1) says of an executable for each Debian architecture warren is packaged for,
+-- after "ELF 64-bit LSB pie executable, " (or 32-bit).
+local elf_machines = {
+  amd64 = "x86-64,", i386 = "Intel 80386,", arm64 = "ARM aarch64,", armhf = "ARM, EABI5 ",
+}
+
 describe("the Debian package", function()
   local deb, root, doc
 
@@ -84,7 +96,7 @@ describe("the Debian package", function()
   it("is warren at the project's version, with what it needs to run", function()
     local cmake = assert(H.read_file(H.source_dir .. "/CMakeLists.txt"))
     local version = assert(cmake:match("project%(warren VERSION ([%d%.]+)"))
-    local arch = sh("dpkg --print-architecture"):match("%S+")
+    local arch = package_arch()
     assert.equal(("warren_%s-1_%s.deb"):format(version, arch), deb:match("[^/]+$"))
     local function field(name)
       return sh("dpkg-deb -f " .. q(deb) .. " " .. name):match("^(.-)%s*$")
@@ -124,11 +136,15 @@ describe("the Debian package", function()
     end
   end)
 
-  it("holds a stripped binary that runs", function()
+  it("holds a stripped binary for its architecture that runs", function()
     local bin = root .. "/usr/bin/warren"
-    assert.matches(", stripped", sh("file -b " .. q(bin)), 1, true)
+    local kind = sh("file -b " .. q(bin))
+    local machine = elf_machines[package_arch()]
+    assert(machine, "no machine known for the architecture " .. package_arch())
+    assert.matches(" executable, " .. machine, kind, 1, true)
+    assert.matches(", stripped", kind, 1, true)
     local _, version = H.run({ "--version" })
-    assert.equal(version, sh(q(bin) .. " --version"))
+    assert.equal(version, sh(H.emulated(bin) .. " --version"))
   end)
 
   it("holds every example, and each job script loads with warren check", function()
@@ -138,7 +154,7 @@ describe("the Debian package", function()
     for name in want:gmatch("[^\n]+%.lua") do
       if name:match("_spec%.lua$") then goto next end -- a busted spec of a job script
       local path = doc .. "/examples/" .. name
-      assert.equal(path .. ": ok\n", sh(q(root .. "/usr/bin/warren") .. " check " .. q(path)))
+      assert.equal(path .. ": ok\n", sh(H.emulated(root .. "/usr/bin/warren") .. " check " .. q(path)))
       n = n + 1
       ::next::
     end

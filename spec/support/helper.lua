@@ -12,6 +12,12 @@
 --   WARREN_BROKER_DIR   state directory of the test broker, used by scripts/broker
 --   WARREN_TEST_LUA     Lua interpreter for helper processes (tcpproxy); default "lua5.4"
 --   WARREN_KEEP_TMP     when set, the temporary files are kept (their root is H.tmp_root())
+--   WARREN_EMULATOR     the program that runs a warren built for another architecture (qemu-user);
+--                       WARREN_BIN is then a wrapper that uses it. For specs that run another
+--                       copy of warren, the packaged one: H.emulated(path)
+--   WARREN_TEST_SLOW    how many times slower than native the warren under test may be (a
+--                       foreign binary under qemu-user, say): H.slow, default 1. The specs that
+--                       bound how long warren takes multiply the bound by it.
 --
 -- Conventions: every failure raises a Lua error whose message says what was being done and
 -- includes the relevant output, so that a failing spec explains itself. Timeouts are seconds
@@ -36,6 +42,9 @@ H.source_dir = getenv("WARREN_SOURCE_DIR") or "."
 H.build_dir = getenv("WARREN_BUILD_DIR") or H.source_dir .. "/build"
 H.broker_dir = getenv("WARREN_BROKER_DIR")
 H.lua_bin = getenv("WARREN_TEST_LUA") or "lua5.4"
+H.emulator = getenv("WARREN_EMULATOR")
+H.slow = tonumber(getenv("WARREN_TEST_SLOW") or "1")
+assert(H.slow and H.slow >= 1, "WARREN_TEST_SLOW must be a number, 1 or more")
 
 -- Environment variables that configure warren (DESIGN.md: WARREN_ + option name). H.start and
 -- H.run remove them from the child's environment so that a developer's shell cannot change
@@ -107,6 +116,15 @@ function H.write_file(path, text)
   local f = assert(io.open(path, "wb"))
   assert(f:write(text))
   assert(f:close())
+end
+
+-- H.emulated(path) -> the shell words that run the warren binary at path: under H.emulator
+-- when there is one.
+function H.emulated(path)
+  if H.emulator then
+    return q(H.emulator) .. " " .. q(path)
+  end
+  return q(path)
 end
 
 -- Runs a shell command line; returns its exit code (128 + N when killed by signal N).
