@@ -138,11 +138,12 @@ describe("a three-node cluster", function()
     -- Consuming again: while messages are ready, a job ends after the stop, past those that
     -- were in flight then (each takes 0.02 s).
     local function resumes_within(seconds, since, what)
-      local t = H.wait_until(function()
+      local ok, t = pcall(H.wait_until, function()
         for _, r in ipairs(H.records(rec)) do
           if tonumber(r[4]) > since + 0.2 then return tonumber(r[4]) end
         end
       end, 3 * seconds, what)
+      assert(ok, tostring(t) .. "; warren's log ends:\n" .. proc:log():sub(-3000))
       assert.is_true(t - since <= seconds, what .. " after " .. (t - since) .. " s")
     end
 
