@@ -37,6 +37,17 @@ local function status_kib(pid, field)
   return tonumber(H.read_file("/proc/" .. pid .. "/status"):match(field .. ":%s*(%d+)"))
 end
 
+-- A fresh server, queue, record file and directory for one case.
+local function fixture(prefix)
+  return httpserver.start(), H.queue(prefix), H.record_file(), H.tmpdir()
+end
+
+-- Waits until the server saw a client close the connection of a /slow download early.
+local function wait_aborted(srv)
+  H.wait_until(function() return srv:saw("^aborted /slow") end, 5,
+    "the server to see the connection closed")
+end
+
 -- One message per case, named by the message's prefix; the job records the case's outcome.
 local CASES = H.RECORD_LUA .. [[
   local warren = require "warren"
@@ -130,10 +141,7 @@ describe("warren.http", function()
 
   it("makes GET, POST, PUT and other requests with bodies and headers, and reports errors",
     function()
-      local srv = httpserver.start()
-      local q = H.queue("http")
-      local rec = H.record_file()
-      local dir = H.tmpdir()
+      local srv, q, rec, dir = fixture("http")
       local names = { "get", "post", "put", "put_file", "delete", "not_found", "redirect",
         "no_follow", "max_body", "max_body_file", "refused", "no_file_scheme", "bad_args",
         "nested", "clocks" }
@@ -184,10 +192,7 @@ describe("warren.http", function()
     end)
 
   it("downloads 50 MiB to output_file with warren's memory staying small", function()
-    local srv = httpserver.start()
-    local q = H.queue("httpbig")
-    local rec = H.record_file()
-    local dir = H.tmpdir()
+    local srv, q, rec, dir = fixture("httpbig")
     local script = H.script(H.RECORD_LUA .. [[
       local warren = require "warren"
       function handle(body, msg)
@@ -213,9 +218,7 @@ describe("warren.http", function()
   end)
 
   it("runs 200 one-second requests from 200 jobs in about the time of one", function()
-    local srv = httpserver.start()
-    local q = H.queue("http200")
-    local rec = H.record_file()
+    local srv, q, rec, dir = fixture("http200")
     local script = H.script(H.RECORD_LUA .. [[
       local warren = require "warren"
       function handle(body, msg)
@@ -243,9 +246,7 @@ describe("warren.http", function()
   end)
 
   it("times out a server that never answers while the loop and other jobs go on", function()
-    local srv = httpserver.start()
-    local q = H.queue("httphang")
-    local rec = H.record_file()
+    local srv, q, rec, dir = fixture("httphang")
     local script = H.script(H.RECORD_LUA .. [[
       local warren = require "warren"
       function handle(body, msg)
@@ -335,10 +336,7 @@ describe("warren.http", function()
     end]]
 
   it("cancels a transfer in the forced stage and hands the message back", function()
-    local srv = httpserver.start()
-    local q = H.queue("httpforce")
-    local rec = H.record_file()
-    local dir = H.tmpdir()
+    local srv, q, rec, dir = fixture("httpforce")
     local proc = H.worker(H.script(SLOW), q, {}, { [H.RECORD_ENV] = rec, BASE = srv.base,
       DIR = dir })
     H.publish(q, 1, { prefix = "f" })
@@ -353,8 +351,7 @@ describe("warren.http", function()
     assert.is_not_nil(by_id(rec, "closed").f1, "the <close> variable did not run")
     assert.is_nil(by_id(rec, "end").f1, "the job went on after the forced exit")
     assert.is_nil(H.read_file(dir .. "/slow.bin"), "the partial download was left behind")
-    H.wait_until(function() return srv:saw("^aborted /slow") end, 5,
-      "the server to see the connection closed")
+    wait_aborted(srv)
     H.wait_until(function() return H.depth(q) == 1 end, 10, "the message back in the queue")
     local back = H.drain(q)
     assert.equal("f1", back[1].id)
@@ -362,10 +359,7 @@ describe("warren.http", function()
   end)
 
   it("cancels a transfer when the job times out, leaving no descriptor open", function()
-    local srv = httpserver.start()
-    local q = H.queue("httptimeout")
-    local rec = H.record_file()
-    local dir = H.tmpdir()
+    local srv, q, rec, dir = fixture("httptimeout")
     local port = H.free_port()
     local proc = H.worker(H.script(SLOW), q,
       { "--job-timeout", "1", "--on-error", "reject", "--metrics", "127.0.0.1:" .. port },
@@ -376,8 +370,7 @@ describe("warren.http", function()
     H.publish(q, 1, { prefix = "t" })
     H.wait_until(function() return by_id(rec, "closed").t1 end, 10, "the job timeout")
     assert.is_nil(by_id(rec, "end").t1, "the job went on after its timeout")
-    H.wait_until(function() return srv:saw("^aborted /slow") end, 5,
-      "the server to see the connection closed")
+    wait_aborted(srv)
     assert.is_nil(H.read_file(dir .. "/slow.bin"), "the partial download was left behind")
     assert.equal(before, fds(proc.pid))
     local metrics = H.wait_until(function()
@@ -395,4 +388,64 @@ describe("warren.http", function()
     H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
     assert.equal(0, H.term(proc))
   end)
+
+  it("lets a transfer finish during the drain", function()
+    local srv, q, rec, dir = fixture("httpdrain")
+    local script = H.script(H.RECORD_LUA .. [[
+      local warren = require "warren"
+      function handle(body, msg)
+        local res, err = warren.http { url = os.getenv("BASE") .. "/delay?s=1" }
+        record("end", msg.message_id, res and res.status or err, tostring(warren.draining()))
+      end]])
+    local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec, BASE = srv.base })
+    H.publish(q, 1, { prefix = "d" })
+    H.wait_until(function() return srv:saw("^request GET /delay") end, 10, "the request")
+    proc:signal("TERM")
+    assert.equal(0, proc:wait(10))
+    local r = assert(by_id(rec, "end").d1, "the job did not finish")
+    assert.same({ "200", "true" }, { r[3], r[4] })
+    assert.same({}, H.drain(q))
+  end)
+
+  it("cancels a transfer when the broker connection is lost, and goes on", function()
+    local srv, q, rec, dir = fixture("httplost")
+    local proxy = H.proxy()
+    local proc = H.worker(H.script(SLOW), q, {}, { [H.RECORD_ENV] = rec, BASE = srv.base,
+      DIR = dir }, proxy.url)
+    H.publish(q, 1, { prefix = "l" })
+    H.wait_until(function() return srv:saw("^request GET /slow") end, 10, "the slow download")
+    proxy:drop()
+    wait_aborted(srv)
+    assert.is_true(proc:running(), "warren exited:\n" .. proc:log())
+    -- Redelivered after the reconnect; this time the job returns without a request.
+    H.wait_until(function() return #H.kinds(rec) == 4 end, 15, "the redelivery")
+    assert.same({ "start false", "closed ", "start true", "closed " }, H.kinds(rec))
+    assert.is_nil(H.read_file(dir .. "/slow.bin"), "the partial download was left behind")
+    H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
+    assert.equal(0, H.term(proc))
+    proxy:stop()
+  end)
+
+  it("makes real requests under warren try, whose timeouts stay real with --virtual-time",
+    function()
+      local srv = httpserver.start()
+      local script = H.script([[
+        local warren = require "warren"
+        function handle(body)
+          local m0 = warren.monotonic()
+          warren.sleep(600) -- under the default --job-timeout of 1500 s
+          local slept = warren.monotonic() - m0
+          local ok = assert(warren.http { url = os.getenv("BASE") .. "/echo" })
+          local res, err = warren.http { url = os.getenv("BASE") .. "/hang", timeout = 1 }
+          print("result", ok.status, slept >= 600, res, err)
+        end]])
+      local t0 = H.now()
+      local code, out = H.run({ "try", "--virtual-time", script, "x" },
+        { env = { BASE = srv.base }, timeout = 20 })
+      local took = H.now() - t0
+      assert.equal(0, code, out)
+      assert.matches("result\t200\ttrue\tnil\tOperation timed out after", out)
+      assert.matches("try-1: ack", out, 1, true)
+      assert.is_true(took >= 1 and took < 1 + 3 * H.slow, "warren try took " .. took .. " s")
+    end)
 end)

@@ -315,13 +315,8 @@ describe("warren.spawn", function()
           proc:wait_log("child " .. pid .. " still runs 1 s after SIGTERM; sending SIGKILL", 1, mark)
         end
         -- Redelivered after the reconnect; this time the job acks without spawning.
-        local function kinds()
-          local out = {}
-          for _, r in ipairs(H.records(rec)) do out[#out + 1] = r[1] .. " " .. (r[3] or "") end
-          return out
-        end
-        H.wait_until(function() return #kinds() == 4 end, 15, "the redelivery")
-        assert.same({ "start false", "closed ", "start true", "closed " }, kinds())
+        H.wait_until(function() return #H.kinds(rec) == 4 end, 15, "the redelivery")
+        assert.same({ "start false", "closed ", "start true", "closed " }, H.kinds(rec))
         H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
         assert.equal(0, H.term(proc))
         proxy:stop()

@@ -282,6 +282,14 @@ function H.largest_gap(rec)
   return ticks, worst
 end
 
+-- H.kinds(path) -> "KIND FIELD3" for each record of the file, in order ("KIND " when it has
+-- no third field): what the jobs did, in short, e.g. {"start false", "closed "}.
+function H.kinds(path)
+  local out = {}
+  for _, r in ipairs(H.records(path)) do out[#out + 1] = r[1] .. " " .. (r[3] or "") end
+  return out
+end
+
 -- H.record_file() -> a fresh path for a record file (not created yet).
 function H.record_file()
   return H.tmpdir() .. "/records"
