@@ -279,12 +279,14 @@ static void done(xfer *x) {
     wr_job *j = x->job;
     wr_log_job f = wr_delivery_log_fields(wr_job_delivery(j), wr_job_version(j));
     double took = wr_clock() - x->started;
-    if (x->result == CURLE_OK && x->out && fclose(x->out) != 0) {
+    if (x->out) {
+        FILE *out = x->out;
         x->out = NULL;
-        x->write_error = true;
-        x->result = CURLE_WRITE_ERROR;
-    } else if (x->result == CURLE_OK) {
-        x->out = NULL;
+        if (fclose(out) != 0 && x->result == CURLE_OK) {
+            x->write_error = true;
+            x->result = CURLE_WRITE_ERROR;
+        }
+        if (x->result != CURLE_OK) unlink(x->out_path);
     }
     if (x->result == CURLE_OK) {
         long status = 0;
@@ -293,7 +295,6 @@ static void done(xfer *x) {
         wr_log_for(WR_LOG_DEBUG, &f, "http %s %s: %ld, %zu bytes in %.3f s", x->method, x->where,
                    status, x->received, took);
     } else {
-        drop_output(x);
         bool timeout = x->result == CURLE_OPERATION_TIMEDOUT;
         count(x->stats, timeout ? "timeout" : "error");
         wr_log_for(WR_LOG_WARN, &f, "http %s %s failed after %.3f s: %s", x->method, x->where, took,
@@ -448,7 +449,8 @@ static void check_header(lua_State *L, int idx, const char *what) {
     size_t n;
     const char *s = t == LUA_TSTRING ? lua_tolstring(L, idx, &n) : NULL;
     if (t == LUA_TNUMBER) return;
-    if (!s || strcspn(s, "\r\n") != n || n == 0 || (*what == 'n' && strchr(s, ':')))
+    bool name = strcmp(what, "name") == 0;
+    if (!s || strcspn(s, "\r\n") != n || (name && (n == 0 || strchr(s, ':'))))
         luaL_error(L,
                    "warren.http: headers must map names (without ':') to strings, without line "
                    "breaks: bad %s",
@@ -595,7 +597,10 @@ static xfer *prepare(lua_State *L, const request *rq, char *err, size_t errlen) 
         SET(CURLOPT_SSL_VERIFYPEER, 0L);
         SET(CURLOPT_SSL_VERIFYHOST, 0L);
     }
-    if (rq->ca) SET(CURLOPT_CAINFO, rq->ca);
+    if (rq->ca) {
+        SET(CURLOPT_CAINFO, rq->ca);
+        SET(CURLOPT_CAPATH, (char *)NULL); /* only these CAs, not also the system's directory */
+    }
     if (rq->body) {
         SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
         SET(CURLOPT_COPYPOSTFIELDS, rq->body);

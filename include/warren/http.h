@@ -19,8 +19,9 @@
  * interrupted or fails (forced stage, --job-timeout, a lost connection), and
  * the wait's cancel removes the easy handle from the multi (libcurl closes
  * its connection, and so stops that socket's ev_io), closes and removes the
- * output file, closes the upload file and frees the buffers; or
- * wr_http_shutdown cancels what is left. */
+ * output file, closes the upload file and frees the buffers. By
+ * wr_http_shutdown every job has ended, so only idle connections are left,
+ * which it closes with the multi handle. */
 #ifndef WARREN_HTTP_H
 #define WARREN_HTTP_H
 
@@ -42,8 +43,8 @@
  * yielding. Its upvalue is the vm (vm.h) whose context has the loop. */
 int wr_http_lua(lua_State *L);
 
-/* Cancels every transfer left, frees the multi handle and stops its
- * watchers. Call once the loop has stopped and every job has ended. */
+/* Frees the multi handle (closing its idle connections) and stops its
+ * watchers. Call once every job has ended, before the loop is destroyed. */
 void wr_http_shutdown(void);
 
 #endif
