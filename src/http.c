@@ -613,6 +613,10 @@ static xfer *prepare(lua_State *L, const request *rq, char *err, size_t errlen) 
         SET(CURLOPT_CUSTOMREQUEST, rq->method);
     }
 #undef SET
+    /* A transfer cancelled while its name is being resolved must not wait
+     * for the resolver's thread (the loop would stop with it): the thread is
+     * left to end on its own. libcurl before 7.87 lacks the option. */
+    if (rc == CURLE_OK) cu.easy_setopt(e, CURLOPT_QUICK_EXIT, 1L);
     if (rc != CURLE_OK) {
         snprintf(err, errlen, "warren.http: %s", cu.easy_strerror(rc));
         goto fail;
