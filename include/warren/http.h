@@ -14,14 +14,15 @@
  *   - its one ev_timer, set to the timeout libcurl asks for
  *     (CURLMOPT_TIMERFUNCTION): transfer timeouts and libcurl's own work.
  * Each transfer (an easy handle, its buffers and files) belongs to the job
- * that waits for it (WR_WAIT_HTTP). It ends in one of three ways: libcurl
- * reports it done and the job is resumed with the result; the job is
- * interrupted or fails (forced stage, --job-timeout, a lost connection), and
- * the wait's cancel removes the easy handle from the multi (libcurl closes
- * its connection, and so stops that socket's ev_io), closes and removes the
- * output file, closes the upload file and frees the buffers. By
- * wr_http_shutdown every job has ended, so only idle connections are left,
- * which it closes with the multi handle. */
+ * that waits for it (WR_WAIT_HTTP). It ends in one of two ways: libcurl
+ * reports it done and the job is resumed with the result (the loop, from the
+ * socket's ev_io or the timer); or the job is interrupted or fails (forced
+ * stage, --job-timeout, a lost connection), and the wait's cancel removes the
+ * easy handle from the multi (libcurl closes its connection, and so stops
+ * that socket's ev_io, without waiting for a name being resolved), closes
+ * and removes the output file, closes the upload file and frees the buffers.
+ * By wr_http_shutdown every job has ended, so only idle connections are
+ * left, which it closes with the multi handle. */
 #ifndef WARREN_HTTP_H
 #define WARREN_HTTP_H
 
