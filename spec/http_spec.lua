@@ -42,6 +42,12 @@ local function fixture(prefix)
   return httpserver.start(), H.queue(prefix), H.record_file(), H.tmpdir()
 end
 
+-- A job script whose handle(body, msg) runs src, with record and now (H.RECORD_LUA) and warren.
+local function job(src)
+  return H.script(H.RECORD_LUA .. 'local warren = require "warren"; '
+    .. "function handle(body, msg) " .. src .. " end")
+end
+
 -- Waits until the server saw a client close the connection of a /slow download early.
 local function wait_aborted(srv)
   H.wait_until(function() return srv:saw("^aborted /slow") end, 5,
@@ -193,16 +199,13 @@ describe("warren.http", function()
 
   it("downloads 50 MiB to output_file with warren's memory staying small", function()
     local srv, q, rec, dir = fixture("httpbig")
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        local path = os.getenv("DIR") .. "/big.bin"
-        local res = assert(warren.http { url = os.getenv("BASE") .. "/big?size=52428800",
-          output_file = path })
-        local f = assert(io.open(res.body, "rb"))
-        record("done", msg.message_id, res.status, f:seek("end"), res.body == path)
-        f:close()
-      end]])
+    local script = job [[
+      local path = os.getenv("DIR") .. "/big.bin"
+      local res = assert(warren.http { url = os.getenv("BASE") .. "/big?size=52428800",
+        output_file = path })
+      local f = assert(io.open(res.body, "rb"))
+      record("done", msg.message_id, res.status, f:seek("end"), res.body == path)
+      f:close()]]
     local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec, BASE = srv.base, DIR = dir })
     local idle = status_kib(proc.pid, "VmHWM")
     H.publish(q, 1, { prefix = "big" })
@@ -219,13 +222,10 @@ describe("warren.http", function()
 
   it("runs 200 one-second requests from 200 jobs in about the time of one", function()
     local srv, q, rec, dir = fixture("http200")
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        local t0 = now()
-        local res, err = warren.http { url = os.getenv("BASE") .. "/delay?s=1" }
-        record("done", msg.message_id, t0, now(), res and res.status or err)
-      end]])
+    local script = job [[
+      local t0 = now()
+      local res, err = warren.http { url = os.getenv("BASE") .. "/delay?s=1" }
+      record("done", msg.message_id, t0, now(), res and res.status or err)]]
     local ids = H.publish(q, 200, { prefix = "c" })
     local t0 = H.now()
     H.worker(script, q, { "--prefetch", "200" }, { [H.RECORD_ENV] = rec, BASE = srv.base })
@@ -247,22 +247,19 @@ describe("warren.http", function()
 
   it("times out a server that never answers while the loop and other jobs go on", function()
     local srv, q, rec, dir = fixture("httphang")
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        if body == "hang" then
-          local t0 = now()
-          local res, err = warren.http { url = os.getenv("BASE") .. "/hang", timeout = 2 }
-          record("hang", msg.message_id, now() - t0, tostring(res), (err:gsub("%s", "_")))
-        else
-          local stop = now() + 1
-          while now() < stop do
-            record("tick", msg.message_id, now())
-            warren.sleep(0.01)
-          end
-          record("ticked", msg.message_id, now())
+    local script = job [[
+      if body == "hang" then
+        local t0 = now()
+        local res, err = warren.http { url = os.getenv("BASE") .. "/hang", timeout = 2 }
+        record("hang", msg.message_id, now() - t0, tostring(res), (err:gsub("%s", "_")))
+      else
+        local stop = now() + 1
+        while now() < stop do
+          record("tick", msg.message_id, now())
+          warren.sleep(0.01)
         end
-      end]])
+        record("ticked", msg.message_id, now())
+      end]]
     H.worker(script, q, { "--prefetch", "2", "--heartbeat", "1" },
       { [H.RECORD_ENV] = rec, BASE = srv.base })
     H.publish(q, 1, { prefix = "hang", body = "hang" })
@@ -341,13 +338,8 @@ describe("warren.http", function()
       DIR = dir })
     H.publish(q, 1, { prefix = "f" })
     H.wait_until(function() return srv:saw("^request GET /slow") end, 10, "the slow download")
-    local mark = proc:mark()
-    proc:signal("TERM")
-    proc:wait_log("a second signal forces exit", 5, mark)
-    local t0 = H.now()
-    proc:signal("TERM")
-    assert.equal(75, proc:wait(5))
-    assert.is_true(H.now() - t0 < 1.5, "forced exit took " .. (H.now() - t0) .. " s")
+    local took = H.force(proc)
+    assert.is_true(took < 1.5, "forced exit took " .. took .. " s")
     assert.is_not_nil(by_id(rec, "closed").f1, "the <close> variable did not run")
     assert.is_nil(by_id(rec, "end").f1, "the job went on after the forced exit")
     assert.is_nil(H.read_file(dir .. "/slow.bin"), "the partial download was left behind")
@@ -391,12 +383,9 @@ describe("warren.http", function()
 
   it("lets a transfer finish during the drain", function()
     local srv, q, rec, dir = fixture("httpdrain")
-    local script = H.script(H.RECORD_LUA .. [[
-      local warren = require "warren"
-      function handle(body, msg)
-        local res, err = warren.http { url = os.getenv("BASE") .. "/delay?s=1" }
-        record("end", msg.message_id, res and res.status or err, tostring(warren.draining()))
-      end]])
+    local script = job [[
+      local res, err = warren.http { url = os.getenv("BASE") .. "/delay?s=1" }
+      record("end", msg.message_id, res and res.status or err, tostring(warren.draining()))]]
     local proc = H.worker(script, q, {}, { [H.RECORD_ENV] = rec, BASE = srv.base })
     H.publish(q, 1, { prefix = "d" })
     H.wait_until(function() return srv:saw("^request GET /delay") end, 10, "the request")

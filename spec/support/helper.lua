@@ -506,6 +506,20 @@ function H.worker(script, queue, args, env, url)
   return proc
 end
 
+-- H.force(proc) -> seconds from the second signal to the exit. Forces exit the way an operator
+-- does: SIGTERM, a wait for the drain's log line, SIGTERM again; raises unless warren then
+-- exits with 75 within 5 s.
+function H.force(proc)
+  local mark = proc:mark()
+  proc:signal("TERM")
+  proc:wait_log("a second signal forces exit", 5, mark)
+  local t0 = H.now()
+  proc:signal("TERM")
+  local code = proc:wait(5)
+  assert(code == 75, "forced exit gave " .. tostring(code) .. ":\n" .. proc:log())
+  return H.now() - t0
+end
+
 -- H.term(proc) -> exit code: SIGTERM, then waits up to 10 s for the exit.
 function H.term(proc)
   proc:signal("TERM")
