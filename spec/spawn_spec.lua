@@ -274,13 +274,8 @@ describe("warren.spawn", function()
         H.publish(q, 1, { prefix = "f" })
         local pid = wait_pid(pidfile)
         assert.is_true(running(pid), "the sleep is not running")
-        local mark = proc:mark()
-        proc:signal("TERM")
-        proc:wait_log("a second signal forces exit", 5, mark)
-        local t0 = H.now()
-        proc:signal("TERM")
-        assert.equal(75, proc:wait(5))
-        assert.is_true(H.now() - t0 < 1.5, "forced exit took " .. (H.now() - t0) .. " s")
+        local took = H.force(proc)
+        assert.is_true(took < 1.5, "forced exit took " .. took .. " s")
         if mode == "orphan" then
           H.wait_until(function() return not running(pid) end, 2, "sleep " .. pid .. " to end")
         else
@@ -315,13 +310,8 @@ describe("warren.spawn", function()
           proc:wait_log("child " .. pid .. " still runs 1 s after SIGTERM; sending SIGKILL", 1, mark)
         end
         -- Redelivered after the reconnect; this time the job acks without spawning.
-        local function kinds()
-          local out = {}
-          for _, r in ipairs(H.records(rec)) do out[#out + 1] = r[1] .. " " .. (r[3] or "") end
-          return out
-        end
-        H.wait_until(function() return #kinds() == 4 end, 15, "the redelivery")
-        assert.same({ "start false", "closed ", "start true", "closed " }, kinds())
+        H.wait_until(function() return #H.kinds(rec) == 4 end, 15, "the redelivery")
+        assert.same({ "start false", "closed ", "start true", "closed " }, H.kinds(rec))
         H.wait_until(function() return H.depth(q) == 0 end, 10, "queue empty")
         assert.equal(0, H.term(proc))
         proxy:stop()

@@ -3,20 +3,9 @@
 local H = require "support.helper"
 local cjson = require "cjson"
 
-local q = H.quote
+local images = require "support.images"
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  local ok = p:close()
-  assert(ok, cmd .. " failed:\n" .. out)
-  return out
-end
-
--- Width and height of an image, as vipsheader reads them.
-local function dimensions(path)
-  return tonumber(sh("vipsheader -f width " .. q(path))), tonumber(sh("vipsheader -f height " .. q(path)))
-end
+local dimensions = images.dimensions
 
 describe("examples/thumbnail.lua", function()
   local proc
@@ -28,8 +17,8 @@ describe("examples/thumbnail.lua", function()
     local work, dlq = H.queue("thumbnails", { dead_letter = true })
     local done = H.queue("thumbdone")
     local dir = H.tmpdir()
-    sh("vips black " .. q(dir .. "/wide.png") .. " 400 300")
-    sh("vips black " .. q(dir .. "/tall.png") .. " 300 400")
+    images.black(dir .. "/wide.png", 400, 300)
+    images.black(dir .. "/tall.png", 300, 400)
     H.write_file(dir .. "/text.png", "not an image\n")
     local function request(src, dst, size)
       return cjson.encode({ src = dir .. "/" .. src, dst = dir .. "/" .. dst, size = size })

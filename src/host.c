@@ -15,6 +15,7 @@
 #include "warren/reload.h"
 #include "warren/report.h"
 #include "warren/retry.h"
+#include "warren/http.h"
 #include "warren/spawn.h"
 #include "warren/stats.h"
 
@@ -885,6 +886,7 @@ int wr_host_run(const wr_config *cfg) {
     sigaddset(&late, SIGUSR2);
     sigprocmask(SIG_BLOCK, &late, NULL);
     wr_spawn_shutdown(); /* no child outlives warren */
+    wr_http_shutdown();
 
     wr_retrier_free(h->retrier); /* every way out of the loop settled or abandoned its copies */
     wr_broker_free(h->broker);

@@ -74,6 +74,10 @@ static double sched_clock(const wr_sched *s) {
     return wr_clock() + s->skipped;
 }
 
+double wr_job_clock(const wr_job *j) {
+    return sched_clock(j->sched);
+}
+
 static inline wr_job **job_slot(lua_State *L) {
     return (wr_job **)lua_getextraspace(L);
 }
@@ -544,6 +548,16 @@ void wr_job_resume(wr_job *j, int nargs) {
     j->cancel = NULL;
     j->wait_data = NULL;
     run(j, nargs);
+}
+
+void wr_job_resume_results(wr_job *j, int n, const char *fn) {
+    if (n >= 0) {
+        wr_job_resume(j, n);
+        return;
+    }
+    char why[96];
+    snprintf(why, sizeof why, "not enough memory for the result of warren.%s", fn);
+    wr_job_fail(j, WR_FAIL_MEMORY, why);
 }
 
 int wr_job_results(wr_job *j, lua_CFunction push, void *ud) {

@@ -2,11 +2,14 @@
 
 #include <lauxlib.h>
 #include <math.h>
+#include <string.h>
+#include <time.h>
 
 #include "warren/config.h"
 #include "warren/context.h"
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/http.h"
 #include "warren/spawn.h"
 
 static wr_vm *upvm(lua_State *L) {
@@ -18,6 +21,45 @@ static int l_sleep(lua_State *L) {
     luaL_argcheck(L, s >= 0 && isfinite(s), 1, "expected a non-negative number of seconds");
     wr_job *j = wr_job_need_wait(L, "sleep");
     return wr_job_sleep(L, j, (double)s);
+}
+
+void wr_lua_check_options(lua_State *L, int idx, const char *fn, const char *const *names) {
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        int k = 0;
+        if (lua_type(L, -1) == LUA_TSTRING)
+            while (names[k] && strcmp(lua_tostring(L, -1), names[k]) != 0)
+                k++;
+        if (lua_type(L, -1) == LUA_TSTRING && names[k]) continue;
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        for (k = 0; names[k]; k++) {
+            if (k) luaL_addstring(&b, ", ");
+            luaL_addstring(&b, names[k]);
+        }
+        luaL_pushresult(&b);
+        const char *known = lua_tostring(L, -1);
+        luaL_error(L, "warren.%s: unknown option '%s' (known: %s)", fn, luaL_tolstring(L, -2, NULL),
+                   known);
+    }
+}
+
+/* Wall-clock seconds since the Unix epoch, with their fraction. */
+static int l_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
+    return 1;
+}
+
+/* Seconds on a clock that never jumps; in a job under virtual time, with
+ * the skipped sleeps added, as --job-timeout counts. */
+static int l_monotonic(lua_State *L) {
+    wr_job *j = wr_job_current(L);
+    lua_pushnumber(L, (lua_Number)(j ? wr_job_clock(j) : wr_clock()));
+    return 1;
 }
 
 static int l_draining(lua_State *L) {
@@ -77,9 +119,16 @@ static int l_error(lua_State *L) {
 }
 
 static int open_warren(lua_State *L) {
-    static const luaL_Reg funcs[] = {
-        {"sleep", l_sleep},   {"draining", l_draining}, {"ack", l_ack}, {"requeue", l_requeue},
-        {"reject", l_reject}, {"spawn", wr_spawn_lua},  {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"sleep", l_sleep},
+                                     {"draining", l_draining},
+                                     {"ack", l_ack},
+                                     {"requeue", l_requeue},
+                                     {"reject", l_reject},
+                                     {"spawn", wr_spawn_lua},
+                                     {"http", wr_http_lua},
+                                     {"now", l_now},
+                                     {"monotonic", l_monotonic},
+                                     {NULL, NULL}};
     static const luaL_Reg logf[] = {
         {"debug", l_debug}, {"info", l_info}, {"warn", l_warn}, {"error", l_error}, {NULL, NULL}};
     wr_vm *vm = lua_touserdata(L, lua_upvalueindex(1));

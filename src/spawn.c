@@ -18,6 +18,7 @@
 #include "warren/context.h"
 #include "warren/job.h"
 #include "warren/log.h"
+#include "warren/lua_api.h"
 #include "warren/stats.h"
 
 extern char **environ;
@@ -165,10 +166,7 @@ static void maybe_done(child *c) {
     }
     int n = wr_job_results(j, push_result, c);
     free_child(c);
-    if (n < 0)
-        wr_job_fail(j, WR_FAIL_MEMORY, "not enough memory for the result of warren.spawn");
-    else
-        wr_job_resume(j, n);
+    wr_job_resume_results(j, n, "spawn");
 }
 
 /* Keeps up to WR_SPAWN_CAPTURE_MAX bytes; beyond that, or when memory runs
@@ -525,17 +523,7 @@ int wr_spawn_lua(lua_State *L) {
     }
     rq.argv[n] = NULL;
 
-    lua_pushnil(L);
-    while (lua_next(L, 2)) {
-        lua_pop(L, 1);
-        int k = 0;
-        if (lua_type(L, -1) == LUA_TSTRING)
-            while (option_names[k] && strcmp(lua_tostring(L, -1), option_names[k]) != 0)
-                k++;
-        if (lua_type(L, -1) != LUA_TSTRING || !option_names[k])
-            luaL_error(L, "warren.spawn: unknown option '%s' (known: stdin, env, cwd, timeout)",
-                       luaL_tolstring(L, -1, NULL));
-    }
+    wr_lua_check_options(L, 2, "spawn", option_names);
     if (lua_getfield(L, 2, "cwd") != LUA_TNIL) {
         rq.cwd = plain_string(L, -1, "opts.cwd");
         anchor(L);

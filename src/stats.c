@@ -208,6 +208,13 @@ char *wr_stats_render(const wr_stats *s, const wr_gauges *g, size_t *len) {
     put(&o, "warren_spawns_total{result=\"ok\"} %llu\n", s->spawns_ok);
     put(&o, "warren_spawns_total{result=\"failed\"} %llu\n", s->spawns_failed);
     put(&o, "warren_spawns_total{result=\"error\"} %llu\n", s->spawns_error);
+    help(&o, "warren_http_requests_total", "counter",
+         "HTTP requests scripts made (warren.http): ok (a response, whatever its status), error, "
+         "timeout, or cancelled with their job.");
+    put(&o, "warren_http_requests_total{result=\"ok\"} %llu\n", s->http_ok);
+    put(&o, "warren_http_requests_total{result=\"error\"} %llu\n", s->http_error);
+    put(&o, "warren_http_requests_total{result=\"timeout\"} %llu\n", s->http_timeout);
+    put(&o, "warren_http_requests_total{result=\"cancelled\"} %llu\n", s->http_cancelled);
     help(&o, "warren_loop_lag_seconds", "histogram",
          "How late the event loop ran its timers; anything that holds the loop shows here.");
     put_hist(&o, "warren_loop_lag_seconds", "", &s->loop_lag);

@@ -14,6 +14,7 @@
 #include "warren/load.h"
 #include "warren/log.h"
 #include "warren/retry.h"
+#include "warren/http.h"
 #include "warren/spawn.h"
 #include "warren/vm.h"
 
@@ -333,6 +334,7 @@ int wr_try(const wr_config *cfg) {
     wr_vm_unref(vm);
     wr_sched_free(s);
     wr_spawn_shutdown();
+    wr_http_shutdown();
     ev_loop_destroy(loop);
     if (unreadable) return unreadable;
     if (t.stopped) return WR_EXIT_TEMPFAIL;

@@ -37,6 +37,7 @@ typedef enum {
     WR_WAIT_SLICE,   /* gave up a time slice; resumed on the next loop turn */
     WR_WAIT_CHILD,   /* warren.spawn: a child process */
     WR_WAIT_CONFIRM, /* warren.publish: the broker's confirm */
+    WR_WAIT_HTTP,    /* warren.http: a transfer on the loop's curl multi handle */
 } wr_wait;
 
 typedef struct wr_sched wr_sched;
@@ -79,6 +80,10 @@ void wr_sched_set_virtual_time(wr_sched *s, bool on);
 
 size_t wr_sched_running(const wr_sched *s);
 
+/* The job's monotonic clock, in seconds: wr_clock plus the sleeps that
+ * virtual time skipped so far (warren.monotonic). */
+double wr_job_clock(const wr_job *j);
+
 /* The job whose coroutine L is, or NULL (main chunk, nested coroutine). */
 wr_job *wr_job_current(lua_State *L);
 
@@ -112,6 +117,10 @@ void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data);
 /* Resumes a waiting job with the nargs values wr_job_results gave it. The
  * job may finish (and be freed) before this returns. */
 void wr_job_resume(wr_job *j, int nargs);
+
+/* Ends a wait with the n values of wr_job_results: resumes the job, or when
+ * n < 0 fails it as out of memory for the result of warren.FN. */
+void wr_job_resume_results(wr_job *j, int n, const char *fn);
 
 /* Builds the values a waiting job is to be resumed with, in protected mode:
  * push runs on the main thread of the job's state with ud as its one

@@ -11,6 +11,10 @@
 /* Registers the warren module of vm in package.loaded of vm->L. */
 void wr_lua_open(wr_vm *vm);
 
+/* Raises "warren.FN: unknown option 'K' (known: ...)" unless every key of
+ * the table at idx is one of names (NULL-terminated). */
+void wr_lua_check_options(lua_State *L, int idx, const char *fn, const char *const *names);
+
 /* warren.publish, warren.reply and warren.retry (lua_publish.c). */
 extern const luaL_Reg wr_lua_publish_funcs[];
 

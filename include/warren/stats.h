@@ -45,6 +45,7 @@ typedef struct wr_stats {
     unsigned long long reloads_ok, reloads_failed;
     unsigned long long publishes_ok, publishes_failed;
     unsigned long long spawns_ok, spawns_failed, spawns_error; /* error: could not start */
+    unsigned long long http_ok, http_error, http_timeout, http_cancelled; /* warren.http */
     wr_hist loop_lag;
 } wr_stats;
 

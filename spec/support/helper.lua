@@ -282,6 +282,14 @@ function H.largest_gap(rec)
   return ticks, worst
 end
 
+-- H.kinds(path) -> "KIND FIELD3" for each record of the file, in order ("KIND " when it has
+-- no third field): what the jobs did, in short, e.g. {"start false", "closed "}.
+function H.kinds(path)
+  local out = {}
+  for _, r in ipairs(H.records(path)) do out[#out + 1] = r[1] .. " " .. (r[3] or "") end
+  return out
+end
+
 -- H.record_file() -> a fresh path for a record file (not created yet).
 function H.record_file()
   return H.tmpdir() .. "/records"
@@ -496,6 +504,20 @@ function H.worker(script, queue, args, env, url)
   end, 10, "warren consuming " .. queue)
   assert(proc:running(), "warren exited at start:\n" .. proc:log())
   return proc
+end
+
+-- H.force(proc) -> seconds from the second signal to the exit. Forces exit the way an operator
+-- does: SIGTERM, a wait for the drain's log line, SIGTERM again; raises unless warren then
+-- exits with 75 within 5 s.
+function H.force(proc)
+  local mark = proc:mark()
+  proc:signal("TERM")
+  proc:wait_log("a second signal forces exit", 5, mark)
+  local t0 = H.now()
+  proc:signal("TERM")
+  local code = proc:wait(5)
+  assert(code == 75, "forced exit gave " .. tostring(code) .. ":\n" .. proc:log())
+  return H.now() - t0
 end
 
 -- H.term(proc) -> exit code: SIGTERM, then waits up to 10 s for the exit.
