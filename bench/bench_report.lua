@@ -1,11 +1,11 @@
 -- Shared by the benchmark job scripts: a wall clock with microseconds (plain
 -- Lua only has whole seconds), the number of messages the run expects, and
 -- how a script hands its result to scripts/bench.
-local socket = require "socket"
+local warren = require "warren"
 
 local M = {}
 
-M.gettime = socket.gettime
+M.gettime = warren.now
 M.count = assert(tonumber(os.getenv("WARREN_BENCH_COUNT")), "WARREN_BENCH_COUNT must be set")
 local out = assert(os.getenv("WARREN_BENCH_OUT"), "WARREN_BENCH_OUT must be set")
 
