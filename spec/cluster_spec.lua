@@ -165,11 +165,22 @@ describe("a three-node cluster", function()
       end
     end, 30, "member " .. c .. " back in the queue")
 
-    publish(1500, "c", c)
+    publish(1000, "c", c)
     local l = leader(q, c)
-    H.wait_until(function() return done() >= 2500 end, 30, "2500 jobs")
+    -- Mid-stream: the third batch, published through the member that came back, is being
+    -- handled when the leader stops; a fourth comes once it has stopped, so that jobs after
+    -- the stop are there to see even when the third batch ends while the node shuts down.
+    local ok, err = pcall(H.wait_until, function()
+      local n = 0
+      for _, r in ipairs(H.records(rec)) do
+        if r[2]:sub(1, 1) == "c" then n = n + 1 end
+      end
+      return n >= 100
+    end, 30, "jobs of the third batch")
+    assert(ok, tostring(err) .. "; warren's log ends:\n" .. proc:log():sub(-3000))
     cluster:stop_node(l)
     stopped = H.now()
+    publish(500, "d", l % 3 + 1)
     resumes_within(5, stopped, "jobs after stopping the leader, member " .. l)
     cluster:start_node(l)
     H.wait_until(function() return done() >= #ids end, 60, "every message")
