@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "warren/context.h"
+#include "warren/dl.h"
 #include "warren/job.h"
 #include "warren/log.h"
 #include "warren/lua_api.h"
@@ -51,42 +52,29 @@ static struct {
 /* Loads the library once. Returns 0, or -1 with err. */
 static int load_curl(char *err, size_t errlen) {
     if (cu.lib) return 0;
-    void *lib = dlopen(CURL_LIBRARY, RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        snprintf(err, errlen, "warren.http needs %s (Debian package libcurl4): %s", CURL_LIBRARY,
-                 dlerror());
-        return -1;
-    }
-    /* POSIX: a function pointer converts from dlsym's void * through memcpy. */
-#define SYM(field, name)                                                                           \
-    do {                                                                                           \
-        void *p = dlsym(lib, name);                                                                \
-        if (!p) {                                                                                  \
-            snprintf(err, errlen, "warren.http: %s has no %s", CURL_LIBRARY, name);                \
-            dlclose(lib);                                                                          \
-            return -1;                                                                             \
-        }                                                                                          \
-        memcpy(&cu.field, &p, sizeof p);                                                           \
-    } while (0)
-    SYM(global_init, "curl_global_init");
-    SYM(global_cleanup, "curl_global_cleanup");
-    SYM(easy_init, "curl_easy_init");
-    SYM(easy_setopt, "curl_easy_setopt");
-    SYM(easy_getinfo, "curl_easy_getinfo");
-    SYM(easy_cleanup, "curl_easy_cleanup");
-    SYM(easy_strerror, "curl_easy_strerror");
-    SYM(slist_append, "curl_slist_append");
-    SYM(slist_free_all, "curl_slist_free_all");
-    SYM(multi_init, "curl_multi_init");
-    SYM(multi_setopt, "curl_multi_setopt");
-    SYM(multi_add_handle, "curl_multi_add_handle");
-    SYM(multi_remove_handle, "curl_multi_remove_handle");
-    SYM(multi_socket_action, "curl_multi_socket_action");
-    SYM(multi_info_read, "curl_multi_info_read");
-    SYM(multi_assign, "curl_multi_assign");
-    SYM(multi_cleanup, "curl_multi_cleanup");
-    SYM(multi_strerror, "curl_multi_strerror");
-#undef SYM
+    const wr_dl_sym syms[] = {
+        {&cu.global_init, "curl_global_init"},
+        {&cu.global_cleanup, "curl_global_cleanup"},
+        {&cu.easy_init, "curl_easy_init"},
+        {&cu.easy_setopt, "curl_easy_setopt"},
+        {&cu.easy_getinfo, "curl_easy_getinfo"},
+        {&cu.easy_cleanup, "curl_easy_cleanup"},
+        {&cu.easy_strerror, "curl_easy_strerror"},
+        {&cu.slist_append, "curl_slist_append"},
+        {&cu.slist_free_all, "curl_slist_free_all"},
+        {&cu.multi_init, "curl_multi_init"},
+        {&cu.multi_setopt, "curl_multi_setopt"},
+        {&cu.multi_add_handle, "curl_multi_add_handle"},
+        {&cu.multi_remove_handle, "curl_multi_remove_handle"},
+        {&cu.multi_socket_action, "curl_multi_socket_action"},
+        {&cu.multi_info_read, "curl_multi_info_read"},
+        {&cu.multi_assign, "curl_multi_assign"},
+        {&cu.multi_cleanup, "curl_multi_cleanup"},
+        {&cu.multi_strerror, "curl_multi_strerror"},
+    };
+    void *lib = wr_dl_open(CURL_LIBRARY, "warren.http", "libcurl4", syms,
+                           sizeof syms / sizeof syms[0], err, errlen);
+    if (!lib) return -1;
     if (cu.global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
         snprintf(err, errlen, "warren.http: %s did not initialise", CURL_LIBRARY);
         dlclose(lib);
@@ -262,17 +250,11 @@ static int push_result(lua_State *L) {
     return 1;
 }
 
-static void count(wr_stats *stats, const char *result) {
-    if (!stats) return;
-    if (strcmp(result, "ok") == 0)
-        stats->http_ok++;
-    else if (strcmp(result, "timeout") == 0)
-        stats->http_timeout++;
-    else if (strcmp(result, "cancelled") == 0)
-        stats->http_cancelled++;
-    else
-        stats->http_error++;
-}
+/* Adds one to a counter of warren_http_requests_total, when there are stats. */
+#define COUNT(stats, result)                                                                       \
+    do {                                                                                           \
+        if (stats) (stats)->http_##result++;                                                       \
+    } while (0)
 
 /* libcurl is done with x: the job is resumed with its result. */
 static void done(xfer *x) {
@@ -291,12 +273,15 @@ static void done(xfer *x) {
     if (x->result == CURLE_OK) {
         long status = 0;
         cu.easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
-        count(x->stats, "ok");
+        COUNT(x->stats, ok);
         wr_log_for(WR_LOG_DEBUG, &f, "http %s %s: %ld, %zu bytes in %.3f s", x->method, x->where,
                    status, x->received, took);
     } else {
         bool timeout = x->result == CURLE_OPERATION_TIMEDOUT;
-        count(x->stats, timeout ? "timeout" : "error");
+        if (timeout)
+            COUNT(x->stats, timeout);
+        else
+            COUNT(x->stats, error);
         wr_log_for(WR_LOG_WARN, &f, "http %s %s failed after %.3f s: %s", x->method, x->where, took,
                    x->too_big     ? "the body is larger than max_body"
                    : x->errbuf[0] ? x->errbuf
@@ -304,7 +289,7 @@ static void done(xfer *x) {
     }
     int n = wr_job_results(j, push_result, x);
     free_xfer(x);
-    wr_job_resume_results(j, n, "http");
+    wr_job_resume_results(j, n, "warren.http");
 }
 
 /* Hands each finished transfer to its job. A resumed job may start or cancel
@@ -379,7 +364,7 @@ static void cancel_cb(wr_job *j, void *data) {
     wr_log_job f = wr_delivery_log_fields(wr_job_delivery(j), wr_job_version(j));
     wr_log_for(WR_LOG_DEBUG, &f, "http %s %s cancelled after %.3f s, %zu bytes received", x->method,
                x->where, wr_clock() - x->started, x->received);
-    count(x->stats, "cancelled");
+    COUNT(x->stats, cancelled);
     drop_output(x);
     free_xfer(x);
 }
@@ -646,7 +631,7 @@ int wr_http_lua(lua_State *L) {
     xfer *x =
         ensure_multi(vm->ctx->loop, err, sizeof err) ? NULL : prepare(L, &rq, err, sizeof err);
     if (!x) {
-        count(stats, "error");
+        COUNT(stats, error);
         lua_pushnil(L);
         lua_pushstring(L, err);
         return 2;

@@ -550,13 +550,13 @@ void wr_job_resume(wr_job *j, int nargs) {
     run(j, nargs);
 }
 
-void wr_job_resume_results(wr_job *j, int n, const char *fn) {
+void wr_job_resume_results(wr_job *j, int n, const char *what) {
     if (n >= 0) {
         wr_job_resume(j, n);
         return;
     }
     char why[96];
-    snprintf(why, sizeof why, "not enough memory for the result of warren.%s", fn);
+    snprintf(why, sizeof why, "not enough memory for the result of %s", what);
     wr_job_fail(j, WR_FAIL_MEMORY, why);
 }
 

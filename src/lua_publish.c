@@ -50,11 +50,7 @@ static void confirmed(void *ctx, const char *err) {
             w->stats->publishes_ok++;
     }
     free(w);
-    int n = wr_job_results(j, push_confirm, (void *)err);
-    if (n < 0)
-        wr_job_fail(j, WR_FAIL_MEMORY, "not enough memory for the result of its publish");
-    else
-        wr_job_resume(j, n);
+    wr_job_resume_results(j, wr_job_results(j, push_confirm, (void *)err), "its publish");
 }
 
 static void cancel_wait(wr_job *j, void *data) {

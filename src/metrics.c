@@ -1,6 +1,5 @@
 #include "warren/metrics.h"
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <microhttpd.h>
@@ -11,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "warren/dl.h"
 #include "warren/log.h"
 #include "warren/stats.h"
 
@@ -44,35 +44,20 @@ static struct {
 /* Loads the library once. Returns 0, or -1 with err. */
 static int load_mhd(char *err, size_t errlen) {
     if (mhd.lib) return 0;
-    void *lib = dlopen(MHD_LIBRARY, RTLD_NOW | RTLD_LOCAL);
-    if (!lib) {
-        snprintf(err, errlen, "--metrics needs %s (Debian package libmicrohttpd12): %s",
-                 MHD_LIBRARY, dlerror());
-        return -1;
-    }
-    /* POSIX: a function pointer converts from dlsym's void * through memcpy. */
-#define SYM(field, name)                                                                           \
-    do {                                                                                           \
-        void *p = dlsym(lib, name);                                                                \
-        if (!p) {                                                                                  \
-            snprintf(err, errlen, "--metrics: %s has no %s", MHD_LIBRARY, name);                   \
-            dlclose(lib);                                                                          \
-            return -1;                                                                             \
-        }                                                                                          \
-        memcpy(&mhd.field, &p, sizeof p);                                                          \
-    } while (0)
-    SYM(start_daemon, "MHD_start_daemon");
-    SYM(get_daemon_info, "MHD_get_daemon_info");
-    SYM(run, "MHD_run");
-    SYM(get_timeout, "MHD_get_timeout");
-    SYM(stop_daemon, "MHD_stop_daemon");
-    SYM(create_response_from_buffer, "MHD_create_response_from_buffer");
-    SYM(add_response_header, "MHD_add_response_header");
-    SYM(queue_response, "MHD_queue_response");
-    SYM(destroy_response, "MHD_destroy_response");
-#undef SYM
-    mhd.lib = lib;
-    return 0;
+    const wr_dl_sym syms[] = {
+        {&mhd.start_daemon, "MHD_start_daemon"},
+        {&mhd.get_daemon_info, "MHD_get_daemon_info"},
+        {&mhd.run, "MHD_run"},
+        {&mhd.get_timeout, "MHD_get_timeout"},
+        {&mhd.stop_daemon, "MHD_stop_daemon"},
+        {&mhd.create_response_from_buffer, "MHD_create_response_from_buffer"},
+        {&mhd.add_response_header, "MHD_add_response_header"},
+        {&mhd.queue_response, "MHD_queue_response"},
+        {&mhd.destroy_response, "MHD_destroy_response"},
+    };
+    mhd.lib = wr_dl_open(MHD_LIBRARY, "--metrics", "libmicrohttpd12", syms,
+                         sizeof syms / sizeof syms[0], err, errlen);
+    return mhd.lib ? 0 : -1;
 }
 
 struct wr_metrics {

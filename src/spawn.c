@@ -166,7 +166,7 @@ static void maybe_done(child *c) {
     }
     int n = wr_job_results(j, push_result, c);
     free_child(c);
-    wr_job_resume_results(j, n, "spawn");
+    wr_job_resume_results(j, n, "warren.spawn");
 }
 
 /* Keeps up to WR_SPAWN_CAPTURE_MAX bytes; beyond that, or when memory runs

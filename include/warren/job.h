@@ -119,8 +119,8 @@ void wr_job_wait(wr_job *j, wr_wait why, wr_wait_cancel cancel, void *data);
 void wr_job_resume(wr_job *j, int nargs);
 
 /* Ends a wait with the n values of wr_job_results: resumes the job, or when
- * n < 0 fails it as out of memory for the result of warren.FN. */
-void wr_job_resume_results(wr_job *j, int n, const char *fn);
+ * n < 0 fails it as out of memory for "the result of WHAT". */
+void wr_job_resume_results(wr_job *j, int n, const char *what);
 
 /* Builds the values a waiting job is to be resumed with, in protected mode:
  * push runs on the main thread of the job's state with ud as its one
